@@ -1,0 +1,34 @@
+"""The masked-diffusion SFT objective on a DIFFA-2 batch: noise the answers, predict them, weight by 1/p."""
+
+from __future__ import annotations
+
+import torch
+
+from diffa2.data.collate import SFTBatch
+from diffa2.diffusion.loss import Reduction, masked_token_loss, reduce_loss
+from diffa2.diffusion.masking import DEFAULT_EPS, forward_process
+from diffa2.modeling.model import DIFFA2Model
+
+
+def sft_loss(
+    model: DIFFA2Model,
+    batch: SFTBatch,
+    *,
+    eps: float = DEFAULT_EPS,
+    reduction: Reduction = "per_sample",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """LLaDA SFT loss of one batch (prompt and speech never masked; EOS padding is part of the answer)."""
+    noised = forward_process(
+        batch.answer_ids, batch.answer_mask, model.backbone.mask_token_id, eps=eps, generator=generator
+    )
+    logits = model(
+        batch.input_features,
+        batch.feature_lengths,
+        batch.prompt_ids,
+        batch.audio_slots,
+        noised.noisy_ids,
+        batch.answer_mask,
+    )
+    token_loss = masked_token_loss(logits, batch.answer_ids, noised.masked, noised.p_mask)
+    return reduce_loss(token_loss, batch.answer_mask, reduction)

@@ -1,0 +1,78 @@
+"""Answer questions about audio with a DIFFA-2 checkpoint: waveforms + questions in, texts + NFE out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffa2.audio import LogMelFeaturizer
+from diffa2.chat import ChatFormat
+from diffa2.diffusion.decoding import DecodeConfig, StepCallback, generate
+from diffa2.modeling.checkpoint import load_pretrained, resolve_source
+from diffa2.modeling.model import DIFFA2Model, Prefix
+
+
+@dataclass
+class Answers:
+    texts: list[str]
+    token_ids: torch.Tensor  # (B, gen_length)
+    nfe: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.token_ids.numel() / max(self.seconds, 1e-9)
+
+
+class AudioQA:
+    """A model with its tokenizer/chat format and feature extractor, ready to answer."""
+
+    def __init__(self, model: DIFFA2Model, chat: ChatFormat) -> None:
+        self.model = model.eval()
+        self.chat = chat
+        self.featurizer = LogMelFeaturizer(n_mels=model.config.n_mels, window_seconds=model.config.window_seconds)
+        chat.ids.check_backbone(model.config.backbone)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, device: str | torch.device = "cpu") -> AudioQA:
+        """Load a DIFFA-2 checkpoint and the tokenizer it records."""
+        directory = Path(directory)
+        model = load_pretrained(directory, device=device)
+        tokenizer_dir = resolve_source(model.config.tokenizer_source, directory)
+        if tokenizer_dir is None:
+            raise ValueError(f"{directory}: config.json records no tokenizer_source")
+        return cls(model, ChatFormat.from_pretrained(tokenizer_dir, model.config.system_prompt))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def prefix(self, waves: Sequence[np.ndarray], questions: Sequence[str]) -> Prefix:
+        """Features -> speech embeddings -> prompts with the speech spliced in."""
+        if len(waves) != len(questions):
+            raise ValueError(f"{len(waves)} clips but {len(questions)} questions")
+        features, lengths = self.featurizer(list(waves))
+        speech = self.model.encode_speech(features.to(self.device), lengths.to(self.device))
+        prompts = [self.chat.encode_prompt(q) for q in questions]
+        return self.model.build_prefix([p for p, _ in prompts], [s for _, s in prompts], speech)
+
+    def answer(
+        self,
+        waves: Sequence[np.ndarray],
+        questions: Sequence[str],
+        config: DecodeConfig | None = None,
+        *,
+        seed: int | Sequence[int] = 0,
+        on_step: StepCallback | None = None,
+    ) -> Answers:
+        """Decode one answer per (clip, question) pair."""
+        start = time.perf_counter()
+        out = generate(self.model, self.prefix(waves, questions), self.chat.ids, config, seed=seed, on_step=on_step)
+        texts = [self.chat.decode_answer(row.tolist()) for row in out.token_ids]
+        return Answers(texts, out.token_ids, out.nfe, time.perf_counter() - start)

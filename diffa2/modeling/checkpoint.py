@@ -1,0 +1,116 @@
+"""DIFFA-2 checkpoints: `config.json` + `model.safetensors` (+ `tokenizer/`), holding only what was trained.
+
+Which tensors a checkpoint stores follows one rule: the adapters and prompt embeddings always; a base
+model (encoder or backbone) in full when it has no source checkpoint or was trained; otherwise only its
+LoRA matrices. Loading rebuilds the model from `config.json`, loads the bases from the sources recorded
+there, re-applies LoRA, then loads the stored tensors strictly (every expected key present, nothing
+extra), so an adapter that silently failed to load is impossible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
+
+from diffa2.io import atomic_directory
+from diffa2.modeling.backbone import LLaDABackbone
+from diffa2.modeling.configuration import DIFFA2Config
+from diffa2.modeling.encoder import WhisperSpeechEncoder
+from diffa2.modeling.model import DIFFA2Model
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+def stored_keys(model: DIFFA2Model) -> list[str]:
+    """Names of the tensors a checkpoint of `model` holds (see the module docstring for the rule)."""
+    config = model.config
+    whole_encoder = config.encoder_trainable or config.encoder_source is None
+    whole_backbone = config.backbone_trainable or config.backbone_source is None
+    keys = []
+    for key in model.state_dict():
+        part = key.split(".", 1)[0]
+        if part == "encoder" and not whole_encoder:
+            continue
+        if part == "backbone" and not whole_backbone and "lora_" not in key:
+            continue
+        keys.append(key)
+    return keys
+
+
+def save_pretrained(
+    model: DIFFA2Model, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None
+) -> Path:
+    """Write a checkpoint atomically; with `tokenizer`, a copy is stored so the checkpoint is self-contained."""
+    directory = Path(directory)
+    state = model.state_dict()
+    tensors = {k: state[k].detach().contiguous().cpu() for k in stored_keys(model)}
+    config = replace(model.config)
+    with atomic_directory(directory) as staging:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+            config.tokenizer_source = TOKENIZER_DIR
+        save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt", "producer": "diffa2"})
+        config.save(staging / CONFIG_NAME)
+    return directory
+
+
+def resolve_source(source: str | None, checkpoint_dir: Path) -> Path | None:
+    """A recorded source path; relative paths are relative to the checkpoint directory."""
+    if source is None:
+        return None
+    path = Path(source)
+    return path if path.is_absolute() else checkpoint_dir / path
+
+
+def load_pretrained(
+    directory: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> DIFFA2Model:
+    """Rebuild a model from a checkpoint directory, loading its bases from their recorded sources."""
+    directory = Path(directory)
+    config = DIFFA2Config.load(directory / CONFIG_NAME)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory}: missing {WEIGHTS_NAME}")
+    model = build_with_bases(config, directory)
+    tensors = load_file(weights)
+    load_stored_tensors(model, tensors, source=str(weights))
+    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model
+
+
+def build_with_bases(config: DIFFA2Config, relative_to: Path = Path(".")) -> DIFFA2Model:
+    """Build the model and load base encoder/backbone weights from their sources, then apply LoRA."""
+    lora = config.lora
+    model = DIFFA2Model(replace(config, lora=None))
+    encoder_source = resolve_source(config.encoder_source, relative_to)
+    if encoder_source is not None:
+        model.encoder.load_state_dict(WhisperSpeechEncoder.from_pretrained(encoder_source).state_dict())
+    backbone_source = resolve_source(config.backbone_source, relative_to)
+    if backbone_source is not None:
+        model.backbone.load_state_dict(LLaDABackbone.from_llada_pretrained(backbone_source).state_dict())
+    if lora is not None:
+        model.add_lora(lora)
+    model.config = config
+    return model
+
+
+def load_stored_tensors(model: DIFFA2Model, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load exactly the expected stored tensors, naming every missing, unexpected or mis-shaped one."""
+    expected = set(stored_keys(model))
+    own = model.state_dict()
+    missing = sorted(expected - set(tensors))
+    unexpected = sorted(set(tensors) - expected)
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items()
+              if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{source}: does not match its config.json: missing {missing[:10]}{'...' if len(missing) > 10 else ''}"
+            f", unexpected {unexpected[:10]}, shape mismatches (file vs model) {shapes[:10]}"
+        )
+    model.load_state_dict(tensors, strict=False)

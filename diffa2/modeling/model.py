@@ -1,0 +1,187 @@
+"""The composed DIFFA-2 model: features -> Whisper encoder -> adapters -> spliced into the prompt -> dLLM.
+
+Layout of one sequence fed to the backbone (left-padded in a batch, positions counted per row):
+
+    [pad ...][prompt text before slot][speech embeddings][prompt text after slot][answer tokens ...]
+    `------------------------ prefix: never masked ------------------------'`-- noised / decoded --'
+
+Every row's answer region starts at the same column, so training and block decoding index it uniformly,
+while padding is invisible to attention and positions restart at 0 for each row: a row's logits do not
+depend on its batch-mates (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import WhisperConfig
+
+from diffa2.modeling.adapters import AcousticAdapter, SemanticAdapter
+from diffa2.modeling.backbone import LLADA_TO_LLAMA_MODULES, LLaDABackbone
+from diffa2.modeling.configuration import DIFFA2Config, LoraSettings
+from diffa2.modeling.encoder import WhisperSpeechEncoder
+
+
+@dataclass
+class SpeechEmbeddings:
+    """Speech tokens for the LLM, left-aligned: row i is valid in `embeds[i, :lengths[i]]`."""
+
+    embeds: torch.Tensor  # (B, S_max, D)
+    lengths: torch.Tensor  # (B,)
+
+
+@dataclass
+class Prefix:
+    """The never-masked part of each sequence (prompt with speech spliced in), left-padded."""
+
+    embeds: torch.Tensor  # (B, P, D)
+    attention_mask: torch.Tensor  # (B, P) bool, False at padding
+    is_text: torch.Tensor  # (B, P) bool, True at prompt-text positions (classifier-free guidance masks them)
+
+    def select(self, rows: torch.Tensor) -> Prefix:
+        return Prefix(self.embeds[rows], self.attention_mask[rows], self.is_text[rows])
+
+
+class DIFFA2Model(nn.Module):
+    """Whisper encoder + semantic and acoustic adapters + learned prompts + LLaDA backbone (+ LoRA)."""
+
+    def __init__(self, config: DIFFA2Config) -> None:
+        super().__init__()
+        self.config = config
+        whisper = WhisperConfig(**config.encoder)
+        llm_dim = int(config.backbone["d_model"])
+        self.encoder = WhisperSpeechEncoder(whisper)
+        self.semantic_adapter = SemanticAdapter(whisper.d_model, llm_dim)
+        self.acoustic_adapter = AcousticAdapter(
+            whisper.d_model,
+            llm_dim,
+            tap_layers=config.tap_layers,
+            num_queries=config.num_queries,
+            num_layers=config.qformer_layers,
+            num_heads=config.qformer_heads,
+            intermediate_size=config.qformer_intermediate,
+            dropout=config.qformer_dropout,
+        )
+        self.prompt_embeddings = nn.Embedding(config.num_prompt_embeddings, llm_dim)
+        self.backbone = LLaDABackbone(config.backbone)
+        if config.lora is not None:
+            self._wrap_lora(config.lora)
+
+    # -- speech path ------------------------------------------------------------------------------
+
+    def encode_speech(self, input_features: torch.Tensor, feature_lengths: torch.Tensor) -> SpeechEmbeddings:
+        """Log-mel `[B, n_mels, F]` and real frame counts -> speech tokens for the stage's speech path."""
+        enc = self.encoder(input_features, feature_lengths)
+        semantic, semantic_lengths = self.semantic_adapter(enc.last_hidden_state, enc.lengths)
+        batch = semantic.shape[0]
+        if self.config.stage == 1:
+            lead = self.prompt_embeddings.weight[None].expand(batch, -1, -1)
+        else:
+            lead = self.acoustic_adapter(enc.hidden_states, enc.lengths)
+        # Lead tokens have a fixed count, so [lead ; semantic] is already left-aligned per row.
+        return SpeechEmbeddings(torch.cat([lead, semantic], dim=1), lead.shape[1] + semantic_lengths)
+
+    def build_prefix(
+        self, prompt_ids: list[list[int]], audio_slots: list[int], speech: SpeechEmbeddings
+    ) -> Prefix:
+        """Splice each row's speech tokens into its prompt at its audio slot, then left-pad the rows."""
+        embed = self.backbone.embed
+        device = speech.embeds.device
+        rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, (ids, slot) in enumerate(zip(prompt_ids, audio_slots, strict=True)):
+            if not 0 <= slot <= len(ids):
+                raise ValueError(f"row {i}: audio slot {slot} outside a prompt of {len(ids)} tokens")
+            text = embed(torch.tensor(ids, device=device))
+            sp = speech.embeds[i, : int(speech.lengths[i])]
+            row = torch.cat([text[:slot], sp.to(text.dtype), text[slot:]], dim=0)
+            is_text = torch.ones(row.shape[0], dtype=torch.bool, device=device)
+            is_text[slot : slot + sp.shape[0]] = False
+            rows.append((row, is_text))
+        width = max(r.shape[0] for r, _ in rows)
+        dim = rows[0][0].shape[1]
+        embeds = rows[0][0].new_zeros(len(rows), width, dim)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+        is_text = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+        for i, (row, text_flags) in enumerate(rows):
+            embeds[i, width - row.shape[0] :] = row
+            mask[i, width - row.shape[0] :] = True
+            is_text[i, width - row.shape[0] :] = text_flags
+        return Prefix(embeds, mask, is_text)
+
+    # -- backbone ---------------------------------------------------------------------------------
+
+    def answer_logits(
+        self, prefix: Prefix, answer_ids: torch.Tensor, answer_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits `[B, G, V]` of the answer region given the prefix and the (partly masked) answer ids."""
+        if answer_mask is None:
+            answer_mask = torch.ones_like(answer_ids, dtype=torch.bool)
+        embeds = torch.cat([prefix.embeds, self.backbone.embed(answer_ids).to(prefix.embeds.dtype)], dim=1)
+        mask = torch.cat([prefix.attention_mask, answer_mask.bool()], dim=1)
+        logits = self.backbone(embeds, mask)
+        return logits[:, prefix.embeds.shape[1] :]
+
+    def unconditional_prefix(self, prefix: Prefix) -> Prefix:
+        """The prefix with its prompt text replaced by [MASK] (speech kept), for classifier-free guidance."""
+        mask_embed = self.backbone.embed(torch.tensor([self.backbone.mask_token_id], device=prefix.embeds.device))
+        embeds = torch.where(prefix.is_text[..., None], mask_embed.to(prefix.embeds.dtype), prefix.embeds)
+        return replace(prefix, embeds=embeds)
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        feature_lengths: torch.Tensor,
+        prompt_ids: list[list[int]],
+        audio_slots: list[int],
+        answer_ids: torch.Tensor,
+        answer_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Answer-region logits for a batch: audio features, prompts, and noised answer ids."""
+        speech = self.encode_speech(input_features, feature_lengths)
+        return self.answer_logits(self.build_prefix(prompt_ids, audio_slots, speech), answer_ids, answer_mask)
+
+    # -- LoRA -------------------------------------------------------------------------------------
+
+    def _wrap_lora(self, settings: LoraSettings) -> None:
+        unknown = [m for m in settings.target_modules if m not in LLADA_TO_LLAMA_MODULES]
+        if unknown:
+            raise ValueError(f"LoRA targets {unknown} are not LLaDA modules {sorted(LLADA_TO_LLAMA_MODULES)}")
+        lora = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            bias="none",
+            target_modules=[LLADA_TO_LLAMA_MODULES[m] for m in settings.target_modules],
+        )
+        self.backbone.lm = get_peft_model(self.backbone.lm, lora)
+
+    def add_lora(self, settings: LoraSettings | None = None) -> None:
+        """Wrap the backbone with LoRA (stage 3/4); only the LoRA matrices of the backbone then train."""
+        if self.config.lora is not None:
+            raise ValueError("the backbone already has LoRA")
+        settings = settings or LoraSettings()
+        self._wrap_lora(settings)
+        self.config.lora = settings
+
+    def merge_lora(self) -> None:
+        """Fold LoRA into the backbone weights; the merged backbone is then stored in checkpoints."""
+        if self.config.lora is None:
+            raise ValueError("the backbone has no LoRA to merge")
+        self.backbone.lm = self.backbone.lm.merge_and_unload()
+        self.config.lora = None
+        self.config.backbone_trainable = True
+
+    # -- trainable-parameter policy ---------------------------------------------------------------
+
+    def set_trainable(self, *, encoder: bool, backbone: bool, adapters: bool = True) -> None:
+        """Freeze/unfreeze parts; with LoRA, `backbone=False` still trains the LoRA matrices."""
+        self.config.encoder_trainable = encoder
+        self.config.backbone_trainable = backbone
+        self.encoder.requires_grad_(encoder)
+        for module in (self.semantic_adapter, self.acoustic_adapter, self.prompt_embeddings):
+            module.requires_grad_(adapters)
+        for name, param in self.backbone.named_parameters():
+            param.requires_grad_(backbone or "lora_" in name)
