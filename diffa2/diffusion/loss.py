@@ -24,7 +24,9 @@ def masked_token_loss(
     return torch.where(masked, ce / p_mask[:, None], torch.zeros_like(ce))
 
 
-def reduce_loss(token_loss: torch.Tensor, answer_mask: torch.Tensor, reduction: Reduction = "per_sample") -> torch.Tensor:
+def reduce_loss(
+    token_loss: torch.Tensor, answer_mask: torch.Tensor, reduction: Reduction = "per_sample"
+) -> torch.Tensor:
     """Scalar loss from the per-token matrix; answer length counts every answer position (EOS padding too)."""
     lengths = answer_mask.sum(dim=1).clamp(min=1).to(token_loss.dtype)
     if reduction == "per_sample":

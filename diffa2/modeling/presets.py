@@ -28,8 +28,13 @@ def encoder_config_of(source: str | Path) -> dict:
     return hf_config_from_openai_dims(checkpoint["dims"]).to_dict()
 
 
-def real_config(whisper: str | Path, llada: str | Path, *, stage: int = 2) -> DIFFA2Config:
-    """DIFFA-2 at full size: frozen Whisper-large-v3 encoder and LLaDA-8B-Instruct backbone from local paths."""
+def real_config(
+    whisper: str | Path, llada: str | Path, *, stage: int = 2, tap_layers: list[int] | None = None
+) -> DIFFA2Config:
+    """DIFFA-2 at full size: frozen Whisper-large-v3 encoder and LLaDA-8B-Instruct backbone from local paths.
+
+    `tap_layers` defaults to DIFFA-2's large-v3 taps; other encoders (e.g. whisper-small) need their own.
+    """
     encoder = encoder_config_of(whisper)
     return DIFFA2Config(
         encoder=encoder,
@@ -37,7 +42,7 @@ def real_config(whisper: str | Path, llada: str | Path, *, stage: int = 2) -> DI
         encoder_source=str(whisper),
         backbone_source=str(llada),
         tokenizer_source=str(llada),
-        tap_layers=list(WHISPER_LARGE_V3_TAPS),
+        tap_layers=list(tap_layers or WHISPER_LARGE_V3_TAPS),
         num_queries=64,
         qformer_layers=2,
         qformer_heads=int(encoder["encoder_attention_heads"]),
