@@ -67,8 +67,8 @@ def test_sft_loss_is_seeded_and_trains_both_adapters(chat, tiny_model):
     batch = SFTCollator(chat, featurizer, answer_length=16)([SFTExample(clip(1.0), "How many beeps?", "three"),
                                            SFTExample(clip(2.0, 800), "What is the pitch of the tone?", "high")])
     tiny_model.train()
-    a = sft_loss(tiny_model, batch, generator=torch.Generator().manual_seed(3))
-    b = sft_loss(tiny_model, batch, generator=torch.Generator().manual_seed(3))
+    a = sft_loss(tiny_model, batch, chat.ids.mask, generator=torch.Generator().manual_seed(3))
+    b = sft_loss(tiny_model, batch, chat.ids.mask, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and torch.isfinite(a) and a > 0
     a.backward()
     assert tiny_model.semantic_adapter.conv1.weight.grad.abs().sum() > 0

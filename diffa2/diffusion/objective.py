@@ -13,15 +13,17 @@ from diffa2.modeling.model import DIFFA2Model
 def sft_loss(
     model: DIFFA2Model,
     batch: SFTBatch,
+    mask_id: int,
     *,
     eps: float = DEFAULT_EPS,
     reduction: Reduction = "per_sample",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """LLaDA SFT loss of one batch (prompt and speech never masked; EOS padding is part of the answer)."""
-    noised = forward_process(
-        batch.answer_ids, batch.answer_mask, model.backbone.mask_token_id, eps=eps, generator=generator
-    )
+    """LLaDA SFT loss of one batch (prompt and speech never masked; EOS padding is part of the answer).
+
+    `model` may be a distributed wrapper of a `DIFFA2Model`; it is only called.
+    """
+    noised = forward_process(batch.answer_ids, batch.answer_mask, mask_id, eps=eps, generator=generator)
     logits = model(
         batch.input_features,
         batch.feature_lengths,

@@ -48,16 +48,29 @@ def save_pretrained(
 ) -> Path:
     """Write a checkpoint atomically; with `tokenizer`, a copy is stored so the checkpoint is self-contained."""
     directory = Path(directory)
-    state = model.state_dict()
+    with atomic_directory(directory) as staging:
+        write_checkpoint_files(model, staging, tokenizer)
+    return directory
+
+
+def write_checkpoint_files(
+    model: DIFFA2Model,
+    directory: Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write config, stored tensors (taken from `state_dict` when a distributed engine gathered it) and tokenizer.
+
+    The config goes last, so a directory without `config.json` is recognisably incomplete.
+    """
+    state = model.state_dict() if state_dict is None else state_dict
     tensors = {k: state[k].detach().contiguous().cpu() for k in stored_keys(model)}
     config = replace(model.config)
-    with atomic_directory(directory) as staging:
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
-            config.tokenizer_source = TOKENIZER_DIR
-        save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt", "producer": "diffa2"})
-        config.save(staging / CONFIG_NAME)
-    return directory
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+        config.tokenizer_source = TOKENIZER_DIR
+    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", "producer": "diffa2"})
+    config.save(directory / CONFIG_NAME)
 
 
 def resolve_source(source: str | None, checkpoint_dir: Path) -> Path | None:
@@ -80,7 +93,9 @@ def load_pretrained(
     model = build_with_bases(config, directory)
     tensors = load_file(weights)
     load_stored_tensors(model, tensors, source=str(weights))
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.to(device)
+    if dtype is not None:
+        model.to(dtype)
     return model
 
 

@@ -88,8 +88,12 @@ class DIFFA2Config:
     def to_dict(self) -> dict[str, Any]:
         return {"model_type": "diffa2", **asdict(self)}
 
+    def to_json_string(self) -> str:
+        """The config as JSON text (the interface transformers' loggers, e.g. TensorBoard, call)."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        Path(path).write_text(self.to_json_string())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> DIFFA2Config:

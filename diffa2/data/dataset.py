@@ -1,0 +1,70 @@
+"""A torch dataset over recipe items: decodes audio lazily, trims to the window, skips bad items and counts them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from diffa2.audio import AudioError, decode_audio_bytes, load_audio, trim_to_window
+from diffa2.data.collate import SFTExample
+from diffa2.data.recipe import RecipeItem
+
+
+@dataclass
+class DataStats:
+    """What happened to the data during a run, for the end-of-run summary."""
+
+    trimmed: set[str] = field(default_factory=set)
+    skipped: dict[str, str] = field(default_factory=dict)  # where -> reason
+
+    def summary(self) -> str:
+        return f"{len(self.skipped)} skipped (bad audio), {len(self.trimmed)} trimmed to the window"
+
+
+class AudioInstructionDataset(torch.utils.data.Dataset):
+    """Items -> `SFTExample`s; an unreadable item is reported once, counted, and replaced by the next good one."""
+
+    def __init__(self, items: list[RecipeItem], max_seconds: float, *, on_bad_audio: str = "skip") -> None:
+        if not items:
+            raise ValueError("the dataset is empty: the recipe's sources hold no usable records")
+        self.items = items
+        self.max_seconds = max_seconds
+        self.on_bad_audio = on_bad_audio
+        self.stats = DataStats()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load_wave(self, item: RecipeItem):
+        src, rec = item.source, item.record
+        value = rec.fields[src.audio_field]
+        if isinstance(value, dict):  # an undecoded HF Audio cell: {"bytes": ..., "path": ...}
+            if value.get("bytes"):
+                wave = decode_audio_bytes(value["bytes"], name=str(value.get("path")), where=rec.where)
+            else:
+                wave = load_audio(value["path"], where=rec.where)
+        else:
+            root = Path(src.audio_root) if src.audio_root else Path(src.path).parent
+            wave = load_audio(root / value, where=rec.where)
+        wave, trimmed = trim_to_window(wave, self.max_seconds)
+        if trimmed:
+            self.stats.trimmed.add(rec.where)
+        return wave
+
+    def __getitem__(self, index: int) -> SFTExample:
+        for offset in range(len(self.items)):
+            item = self.items[(index + offset) % len(self.items)]
+            try:
+                wave = self.load_wave(item)
+            except AudioError as err:
+                if self.on_bad_audio != "skip":
+                    raise
+                if item.record.where not in self.stats.skipped:
+                    print(f"[diffa2] skipping {err}")
+                self.stats.skipped[item.record.where] = str(err)
+                continue
+            fields = item.record.fields
+            return SFTExample(wave, fields[item.source.instruction_field], fields[item.source.target_field])
+        raise RuntimeError("every item of the dataset has unreadable audio; see the messages above")

@@ -1,0 +1,112 @@
+"""Reading training manifests in the formats real users have, with errors that name the file and line.
+
+- DIFFA/DeSTA2 JSON list (`audio_id`, `audio_filepath`, `transcription`, `input`, `target`, ...);
+- JSON Lines with the same fields;
+- Hugging Face datasets saved locally (`save_to_disk` directory, `.parquet` or `.arrow` files) with an audio
+  column read undecoded (`Audio(decode=False)`: bytes and/or path), decoded later with soundfile.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+ManifestFormat = Literal["auto", "json", "jsonl", "hf"]
+
+
+class ManifestError(ValueError):
+    """A manifest or one of its records is malformed; the message says where and what was expected."""
+
+
+@dataclass
+class ManifestRecord:
+    fields: dict[str, Any]
+    where: str  # "file:line" (JSONL), "file[item]" (JSON list) or "dataset[row]" (HF)
+
+
+def detect_format(path: Path) -> ManifestFormat:
+    if path.is_dir() or path.suffix in (".parquet", ".arrow"):
+        return "hf"
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    if path.suffix == ".json":
+        return "json"
+    raise ManifestError(f"{path}: cannot tell the manifest format from the name; set format: json|jsonl|hf")
+
+
+def read_manifest(
+    path: str | Path, fmt: ManifestFormat = "auto", *, required: tuple[str, ...] = (), on_error: str = "raise"
+) -> tuple[list[ManifestRecord], list[str]]:
+    """All records of a manifest and the problems met; a bad record raises, or is skipped when on_error='skip'."""
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"{path}: manifest not found")
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    readers = {"json": _read_json_list, "jsonl": _read_jsonl, "hf": _read_hf}
+    if fmt not in readers:
+        raise ManifestError(f"{path}: unknown manifest format {fmt!r}; expected json, jsonl or hf")
+    records, problems = [], []
+    for where, item in readers[fmt](path):
+        problem = _problem(item, required)
+        if problem is None:
+            records.append(ManifestRecord(item, where))
+            continue
+        if on_error != "skip":
+            raise ManifestError(f"{where}: {problem}")
+        problems.append(f"{where}: {problem}")
+    return records, problems
+
+
+def _problem(item: Any, required: tuple[str, ...]) -> str | None:
+    if isinstance(item, Exception):
+        return str(item)
+    if not isinstance(item, dict):
+        return f"expected a JSON object, got {type(item).__name__}"
+    missing = [k for k in required if k not in item or item[k] is None]
+    if missing:
+        return f"missing field(s) {missing}"
+    wrong = [k for k in required if k != "audio" and not isinstance(item[k], str)]
+    if wrong:
+        return f"field(s) {wrong} must be strings, got {[type(item[k]).__name__ for k in wrong]}"
+    return None
+
+
+def _read_json_list(path: Path):
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    if not isinstance(data, list):
+        raise ManifestError(f"{path}: expected a JSON list of records (DIFFA/DeSTA2 format), got {type(data).__name__}")
+    for i, item in enumerate(data):
+        yield f"{path}[{i}]", item
+
+
+def _read_jsonl(path: Path):
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(line)
+            except json.JSONDecodeError as err:
+                yield f"{path}:{number}", ManifestError(f"invalid JSON ({err.msg} at column {err.colno})")
+
+
+def _read_hf(path: Path):
+    import datasets
+
+    if path.is_dir():
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            raise ManifestError(f"{path}: a DatasetDict; point at one split's directory ({list(dataset)})")
+    else:
+        builder = "parquet" if path.suffix == ".parquet" else "arrow"
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    for column, feature in dataset.features.items():
+        if isinstance(feature, datasets.Audio):
+            dataset = dataset.cast_column(column, datasets.Audio(decode=False))
+    for i, row in enumerate(dataset):
+        yield f"{path}[{i}]", row

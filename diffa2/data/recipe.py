@@ -1,0 +1,113 @@
+"""Data recipes: named mixtures of manifests with field mapping, audio root and limits (`data_recipes/*.yaml`).
+
+A recipe is YAML like
+
+    name: diffa2-stage3-sft
+    max_audio_seconds: 30          # longer clips are trimmed and counted (null = the model window)
+    train:
+      - path: /data/DIFFA-data/stage3/merged_data.json
+        weight: 1.0                # repeat factor; fractions take a seeded subset
+        instruction_field: input
+        target_field: target       # stage 1 uses `transcription`
+    validation:
+      - path: /data/DIFFA-data/stage3/dev.json
+
+`{synth}` in a path stands for the synthetic corpus directory of the embedded default.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffa2.data.manifest import ManifestFormat, ManifestRecord, read_manifest
+
+
+@dataclass
+class DataSource:
+    path: str
+    format: ManifestFormat = "auto"
+    weight: float = 1.0
+    instruction_field: str = "input"
+    target_field: str = "target"
+    audio_field: str = "audio_filepath"  # a path (relative to audio_root) or an HF Audio column
+    audio_root: str | None = None  # default: the manifest's directory
+    rejected_field: str | None = None  # preference data (stage 4)
+
+    def resolved(self, synth_dir: str | Path | None) -> DataSource:
+        def sub(value: str | None) -> str | None:
+            if value is None or "{synth}" not in value:
+                return value
+            if synth_dir is None:
+                raise ValueError(f"recipe path {value!r} uses {{synth}} but no synthetic corpus is set")
+            return value.replace("{synth}", str(synth_dir))
+
+        return DataSource(**{**self.__dict__, "path": sub(self.path), "audio_root": sub(self.audio_root)})
+
+
+@dataclass
+class DataRecipe:
+    name: str
+    train: list[DataSource]
+    validation: list[DataSource] = field(default_factory=list)
+    max_audio_seconds: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> DataRecipe:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown}; known keys are {sorted(known)}")
+        source_keys = {f.name for f in fields(DataSource)}
+
+        def sources(key: str) -> list[DataSource]:
+            out = []
+            for i, item in enumerate(data.get(key) or []):
+                bad = sorted(set(item) - source_keys) if isinstance(item, dict) else None
+                if bad is None or bad or "path" not in item:
+                    raise ValueError(f"{source}: {key}[{i}] must be a mapping with 'path' and keys from "
+                                     f"{sorted(source_keys)}; got {item!r}")
+                out.append(DataSource(**item))
+            return out
+
+        if not data.get("train"):
+            raise ValueError(f"{source}: a recipe needs at least one 'train' source")
+        return cls(name=str(data.get("name", source)), train=sources("train"), validation=sources("validation"),
+                   max_audio_seconds=data.get("max_audio_seconds"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> DataRecipe:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such data recipe")
+        return cls.from_dict(yaml.safe_load(path.read_text()) or {}, source=str(path))
+
+
+@dataclass
+class RecipeItem:
+    record: ManifestRecord
+    source: DataSource
+
+
+def load_split(
+    sources: list[DataSource], *, synth_dir: str | Path | None, seed: int, on_error: str = "raise"
+) -> tuple[list[RecipeItem], list[str]]:
+    """Read every source of a split and mix them by weight (deterministic for a seed)."""
+    rng = random.Random(seed)
+    items: list[RecipeItem] = []
+    problems: list[str] = []
+    for raw in sources:
+        src = raw.resolved(synth_dir)
+        required = (src.instruction_field, src.target_field, src.audio_field) + (
+            (src.rejected_field,) if src.rejected_field else ()
+        )
+        records, bad = read_manifest(src.path, src.format, required=required, on_error=on_error)
+        problems += bad
+        whole, fraction = divmod(src.weight, 1.0)
+        chosen = records * int(whole) + rng.sample(records, round(fraction * len(records)))
+        items += [RecipeItem(r, src) for r in chosen]
+    return items, problems
