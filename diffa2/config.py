@@ -36,7 +36,7 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str] | None, desc
             try:
                 value = action.type(value)
             except (TypeError, ValueError) as err:
-                raise ValueError(f"{known.config}: key {key!r}: {value!r} is not a valid {action.type}: {err}") from None
+                raise ValueError(f"{known.config}: key {key!r}: {value!r} is invalid ({err})") from None
         defaults[key] = value
     parser.set_defaults(**defaults)
     *parsed, leftover = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)

@@ -1,0 +1,23 @@
+"""Stage 2: acoustic (joint) alignment: both adapters on audio captions and paralinguistic QA.
+
+Embedded default (starts from runs/semantic/final when it exists):
+    python -m diffa2.stages.acoustic
+Real DIFFA-2 recipe:
+    torchrun --nproc_per_node=8 -m diffa2.stages.acoustic --config stages/acoustic.yaml
+"""
+
+from __future__ import annotations
+
+from diffa2.stages.cli import stage_main
+from diffa2.stages.runner import StageSpec
+
+SPEC = StageSpec(name="acoustic", previous="semantic")
+DEFAULTS = {"recipe": "data_recipes/synth_acoustic.yaml"}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return stage_main(SPEC, __doc__, DEFAULTS, argv)
+
+
+if __name__ == "__main__":
+    main()

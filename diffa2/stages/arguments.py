@@ -1,0 +1,79 @@
+"""Typed options of the training stages; defaults are the embedded tiny default, YAML in `stages/` the real recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class ModelArguments:
+    preset: str = field(default="tiny", metadata={"help": "tiny (embedded default, trained from scratch) or real"})
+    whisper_path: str | None = field(
+        default=None, metadata={"help": "real preset: HF Whisper directory or OpenAI .pt (e.g. whisper-large-v3)"}
+    )
+    llada_path: str | None = field(default=None, metadata={"help": "real preset: LLaDA-8B-Instruct directory"})
+    init_from: str | None = field(
+        default="auto",
+        metadata={"help": "checkpoint of the previous stage; 'auto' = runs/<previous stage>/final if it exists"},
+    )
+    speech_path: int = field(default=2, metadata={"help": "1: prompt embeddings + semantic; 2: acoustic + semantic"})
+    lora: bool = field(default=False, metadata={"help": "add LoRA to the backbone (stages 3-4)"})
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    train_encoder: bool = field(default=True, metadata={"help": "train the Whisper encoder (tiny: it starts random)"})
+    train_backbone: bool = field(default=True, metadata={"help": "train all backbone weights (LoRA trains anyway)"})
+    train_adapters: bool = True
+    tiny_encoder_dim: int = 64
+    tiny_encoder_layers: int = 2
+    tiny_llm_dim: int = 128
+    tiny_llm_layers: int = 4
+    tiny_num_queries: int = 8
+
+
+@dataclass
+class DataArguments:
+    recipe: str = field(default="data_recipes/synth_sft.yaml", metadata={"help": "data recipe YAML"})
+    synth_dir: str = field(default="data/synth", metadata={"help": "synthetic corpus directory ({synth} in recipes)"})
+    synth_seed: int = field(default=0, metadata={"help": "seed of the synthetic corpus (built when missing)"})
+    answer_length: int = field(default=16, metadata={"help": "answer tokens per item incl. <|eot_id|> + EOS padding"})
+    on_bad_audio: str = field(default="skip", metadata={"help": "skip (count and report) or error"})
+    on_bad_record: str = field(default="skip", metadata={"help": "skip (count and report) or raise"})
+    loss_reduction: str = field(default="per_sample", metadata={"help": "per_sample (LLaDA) or batch (DIFFA code)"})
+
+
+@dataclass
+class EvalArguments:
+    test_file: str | None = field(
+        default="{synth}/test_mmau.json", metadata={"help": "MMAU-format test split evaluated after training"}
+    )
+    eval_limit: int | None = field(default=None, metadata={"help": "evaluate on the first N test items only"})
+    eval_batch_size: int = 32
+    gen_length: int = 16
+    block_length: int = 16
+    decode_steps: int = 16
+
+
+@dataclass
+class StageTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments with the embedded default's values."""
+
+    output_dir: str = field(default="runs/sft", metadata={"help": "where checkpoints, logs and plots go"})
+    max_steps: int = 600
+    per_device_train_batch_size: int = 32
+    learning_rate: float = 1e-3
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.05
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int | None = 2
+    report_to: str | list[str] = field(default_factory=lambda: ["tensorboard"])
+    remove_unused_columns: bool = False
+    dataloader_num_workers: int = 0
+    seed: int = 42
+    disable_tqdm: bool = False
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})

@@ -1,0 +1,298 @@
+"""Shared glue of the masked-diffusion SFT stages (1-3): a recipe-style lifecycle on top of transformers' Trainer.
+
+setup (corpus -> tokenizer -> model -> trainable policy -> data) -> train (Trainer: accumulation, schedule,
+clipping, bf16 where available, DeepSpeed, checkpoints, resume) -> save (trained parts + tokenizer, atomically)
+-> evaluate (synthetic test split vs chance) -> report (loss curve JSONL + PNG, summary).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from diffa2.chat import ChatFormat
+from diffa2.data.collate import SFTBatch, SFTCollator
+from diffa2.data.dataset import AudioInstructionDataset
+from diffa2.data.recipe import DataRecipe, load_split
+from diffa2.data.synth import ensure_synth_corpus
+from diffa2.diffusion.decoding import DecodeConfig
+from diffa2.diffusion.objective import sft_loss
+from diffa2.inference import AudioQA
+from diffa2.io import atomic_write_json, atomic_write_text
+from diffa2.modeling.checkpoint import (
+    WEIGHTS_NAME,
+    build_with_bases,
+    load_pretrained,
+    load_stored_tensors,
+    resolve_source,
+    save_pretrained,
+    write_checkpoint_files,
+)
+from diffa2.modeling.configuration import LoraSettings
+from diffa2.modeling.model import DIFFA2Model
+from diffa2.modeling.presets import real_config, tiny_config
+from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
+from diffa2.stages.evaluate import evaluate_multiple_choice, evaluate_transcription
+from diffa2.stages.plots import plot_loss_curve
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class StageSpec:
+    """What distinguishes one stage from another."""
+
+    name: str  # also the default run directory: runs/<name>
+    previous: str | None  # stage whose final checkpoint initialises this one ('auto')
+    asr_eval: bool = False  # stage 1 reports word error rate of transcriptions
+    notes: list[str] = field(default_factory=list)
+
+
+class DiffusionSFTTrainer(Trainer):
+    """Trainer whose loss is the masked-diffusion SFT loss and whose checkpoints are DIFFA-2 checkpoints."""
+
+    loss_is_scaled_for_ga = False  # our loss is a per-batch mean; let Trainer divide by accumulation steps
+
+    def __init__(self, *args, mask_id: int, chat: ChatFormat, loss_reduction: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mask_id = mask_id
+        self.chat = chat
+        self.loss_reduction = loss_reduction
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = sft_loss(model, SFTBatch(**inputs), self.mask_id, reduction=self.loss_reduction)
+        return (loss, None) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        directory = Path(output_dir or self.args.output_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        write_checkpoint_files(model, directory, self.chat.tokenizer, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        weights = Path(resume_from_checkpoint) / WEIGHTS_NAME
+        load_stored_tensors(model, load_file(weights), source=str(weights))
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given, else relative to the repository (so recipes are found from any working directory)."""
+    candidate = Path(path)
+    return candidate if candidate.exists() or candidate.is_absolute() else REPO_ROOT / candidate
+
+
+# --------------------------------------------------------------------------------------------------
+# setup
+# --------------------------------------------------------------------------------------------------
+
+
+def previous_checkpoint(model_args: ModelArguments, spec: StageSpec, output_dir: Path) -> Path | None:
+    if model_args.init_from is None or model_args.init_from == "none":
+        return None
+    if model_args.init_from != "auto":
+        return Path(model_args.init_from)
+    if spec.previous is None:
+        return None
+    candidate = output_dir.parent / spec.previous / "final"
+    return candidate if (candidate / "config.json").is_file() else None
+
+
+def build_model(
+    model_args: ModelArguments, spec: StageSpec, output_dir: Path, synth_tokenizer: Path | None
+) -> tuple[DIFFA2Model, ChatFormat, str]:
+    """The model this stage trains: from the previous stage's checkpoint, else from the preset."""
+    init = previous_checkpoint(model_args, spec, output_dir)
+    if init is not None:
+        model = load_pretrained(init)
+        tokenizer_dir = resolve_source(model.config.tokenizer_source, init)
+        origin = f"initialised from {init}"
+    elif model_args.preset == "tiny":
+        if synth_tokenizer is None:
+            raise ValueError("the tiny preset needs the synthetic corpus's tokenizer")
+        chat = ChatFormat.from_pretrained(synth_tokenizer)
+        config = tiny_config(
+            chat.ids,
+            len(chat.tokenizer),
+            encoder_dim=model_args.tiny_encoder_dim,
+            encoder_layers=model_args.tiny_encoder_layers,
+            llm_dim=model_args.tiny_llm_dim,
+            llm_layers=model_args.tiny_llm_layers,
+            num_queries=model_args.tiny_num_queries,
+            stage=model_args.speech_path,
+        )
+        config.tokenizer_source = str(synth_tokenizer.resolve())
+        model = DIFFA2Model(config)
+        tokenizer_dir = synth_tokenizer
+        origin = "tiny preset, random initialisation"
+    elif model_args.preset == "real":
+        if not (model_args.whisper_path and model_args.llada_path):
+            raise ValueError("the real preset needs --whisper_path and --llada_path")
+        model = build_with_bases(real_config(model_args.whisper_path, model_args.llada_path))
+        tokenizer_dir = Path(model_args.llada_path)
+        origin = f"real preset: {model_args.whisper_path} + {model_args.llada_path}"
+    else:
+        raise ValueError(f"unknown preset {model_args.preset!r}; choose tiny or real")
+    model.config.stage = model_args.speech_path
+    if model_args.lora and model.config.lora is None:
+        model.add_lora(LoraSettings(r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout))
+    model.set_trainable(
+        encoder=model_args.train_encoder, backbone=model_args.train_backbone, adapters=model_args.train_adapters
+    )
+    if model.config.stage == 1:  # the acoustic adapter is unused on the stage-1 speech path
+        model.acoustic_adapter.requires_grad_(False)
+    chat = ChatFormat.from_pretrained(tokenizer_dir, model.config.system_prompt)
+    chat.ids.check_backbone(model.config.backbone)
+    return model, chat, origin
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------------
+
+
+class SFTStage:
+    """One SFT stage with a fixed lifecycle: `setup()`, `train()`, `save()`, `evaluate()`, `report()`."""
+
+    def __init__(self, spec: StageSpec, model_args: ModelArguments, data_args: DataArguments,
+                 eval_args: EvalArguments, train_args: StageTrainingArguments) -> None:
+        self.spec, self.model_args, self.data_args = spec, model_args, data_args
+        self.eval_args, self.train_args = eval_args, train_args
+        self.output_dir = Path(train_args.output_dir)
+        self.start = time.time()
+        self.summary: dict = {"stage": spec.name}
+
+    def log(self, message: str) -> None:
+        print(f"[{self.spec.name}] {message}")
+
+    # -- setup: corpus -> model -> data -> trainer, in dependency order --------------------------------
+
+    def setup(self) -> SFTStage:
+        recipe_path = resolve_path(self.data_args.recipe)
+        self.recipe = DataRecipe.load(recipe_path)
+        test_file = self.eval_args.test_file or ""
+        uses_synth = "{synth}" in recipe_path.read_text() or "{synth}" in test_file
+        corpus = ensure_synth_corpus(self.data_args.synth_dir, seed=self.data_args.synth_seed) if uses_synth else None
+        self.synth_dir = corpus.root if corpus else None
+
+        set_seed(self.train_args.seed)  # the tiny preset's random initialisation is part of the run's identity
+        self.model, self.chat, origin = build_model(
+            self.model_args, self.spec, self.output_dir, corpus.tokenizer_dir if corpus else None
+        )
+        trainable, total = count_parameters(self.model)
+        self.log(f"model: {origin}; {trainable:,} of {total:,} parameters trainable")
+        self.summary.update(model=origin, trainable_parameters=trainable)
+
+        window = self.model.config.window_seconds
+        self.max_seconds = min(self.recipe.max_audio_seconds or window, window)
+        items, self.record_problems = load_split(
+            self.recipe.train,
+            synth_dir=self.synth_dir,
+            seed=self.train_args.seed,
+            on_error=self.data_args.on_bad_record,
+        )
+        for problem in self.record_problems:
+            self.log(f"skipping record {problem}")
+        self.dataset = AudioInstructionDataset(items, self.max_seconds, on_bad_audio=self.data_args.on_bad_audio)
+        self.qa = AudioQA(self.model, self.chat)
+        collator = SFTCollator(self.chat, self.qa.featurizer, answer_length=self.data_args.answer_length)
+        self.log(f"data: recipe {self.recipe.name} ({recipe_path}), {len(self.dataset):,} training items")
+
+        self.trainer = DiffusionSFTTrainer(
+            model=self.model,
+            args=self.train_args,
+            train_dataset=self.dataset,
+            data_collator=lambda examples: vars(collator(examples)),
+            mask_id=self.chat.ids.mask,
+            chat=self.chat,
+            loss_reduction=self.data_args.loss_reduction,
+        )
+        return self
+
+    # -- train, save, evaluate, report ------------------------------------------------------------------
+
+    def train(self) -> None:
+        resume = None
+        if self.train_args.resume:
+            resume = get_last_checkpoint(str(self.output_dir)) if self.output_dir.is_dir() else None
+            self.log(f"resuming from {resume}" if resume else f"no checkpoint in {self.output_dir}; starting fresh")
+        result = self.trainer.train(resume_from_checkpoint=resume)
+        history = [entry for entry in self.trainer.state.log_history if "loss" in entry]
+        self.summary.update(
+            steps=self.trainer.state.global_step,
+            train_seconds=round(result.metrics.get("train_runtime", 0.0), 1),
+            final_loss=history[-1]["loss"] if history else None,
+            skipped_items=len(self.dataset.stats.skipped) + len(self.record_problems),
+            trimmed_items=len(self.dataset.stats.trimmed),
+        )
+
+    def save(self) -> Path:
+        final_dir = save_pretrained(self.model, self.output_dir / "final", tokenizer=self.chat.tokenizer)
+        self.summary["checkpoint"] = str(final_dir)
+        return final_dir
+
+    def evaluate(self) -> None:
+        self.model.eval()
+        args = self.eval_args
+        decode = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.decode_steps)
+        self.summary["decoding"] = vars(decode)
+        if self.spec.asr_eval and self.recipe.validation:
+            items, _ = load_split(self.recipe.validation, synth_dir=self.synth_dir, seed=0, on_error="skip")
+            val_set = AudioInstructionDataset(items[: args.eval_limit or 200], self.max_seconds)
+            examples = [val_set[i] for i in range(len(val_set))]
+            self.summary["validation_wer"] = round(evaluate_transcription(self.qa, examples, decode), 2)
+        if args.test_file:
+            test_file = Path(args.test_file.replace("{synth}", str(self.synth_dir)))
+            self.summary["test"] = evaluate_multiple_choice(
+                self.qa, test_file, decode, limit=args.eval_limit, batch_size=args.eval_batch_size
+            )
+
+    def report(self) -> dict:
+        log_history = self.trainer.state.log_history
+        atomic_write_text(self.output_dir / "train_log.jsonl", "".join(json.dumps(e) + "\n" for e in log_history))
+        plot_loss_curve([e for e in log_history if "loss" in e], self.output_dir / "loss.png",
+                        title=f"{self.spec.name}: masked-diffusion loss")
+        self.summary["total_seconds"] = round(time.time() - self.start, 1)
+        atomic_write_json(self.output_dir / "summary.json", self.summary)
+        print_summary(self.summary, self.output_dir)
+        return self.summary
+
+
+def run_stage(spec: StageSpec, model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArguments,
+              train_args: StageTrainingArguments) -> dict:
+    """Run one SFT stage end to end and return its summary (also written to summary.json)."""
+    stage = SFTStage(spec, model_args, data_args, eval_args, train_args).setup()
+    stage.train()
+    stage.save()
+    stage.evaluate()
+    return stage.report()
+
+
+def print_summary(summary: dict, output_dir: Path) -> None:
+    print(f"\n=== {summary['stage']} finished in {summary['total_seconds']:.0f} s ===")
+    loss = summary["final_loss"]
+    print(f"steps {summary['steps']}, final loss {loss if loss is None else round(loss, 4)}, "
+          f"{summary['skipped_items']} skipped and {summary['trimmed_items']} trimmed items")
+    if "validation_wer" in summary:
+        print(f"transcription WER on validation: {summary['validation_wer']:.1f}%")
+    if "test" in summary:
+        test = summary["test"]
+        print(f"synthetic test accuracy: {test['accuracy']:.1f}% (chance {test['chance']:.1f}%), {test['total']} items")
+        for kind, row in test["per_kind"].items():
+            print(f"  {kind:<18} {row['accuracy']:5.1f}%  (chance {row['chance']:.1f}%, n={row['total']})")
+    print(f"checkpoint: {summary['checkpoint']}\nloss curve: {output_dir / 'loss.png'}; "
+          f"summary: {output_dir / 'summary.json'}")

@@ -1,0 +1,24 @@
+"""Stage 1: semantic alignment (ASR: transcription as target) through learned prompt embeddings + semantic adapter.
+
+Embedded default:
+    python -m diffa2.stages.semantic
+Real DIFFA-2 recipe (LibriSpeech-style ASR data; frozen Whisper-large-v3 and LLaDA-8B-Instruct):
+    torchrun --nproc_per_node=8 -m diffa2.stages.semantic --config stages/semantic.yaml \
+        --whisper_path /models/whisper-large-v3 --llada_path /models/LLaDA-8B-Instruct
+"""
+
+from __future__ import annotations
+
+from diffa2.stages.cli import stage_main
+from diffa2.stages.runner import StageSpec
+
+SPEC = StageSpec(name="semantic", previous=None, asr_eval=True)
+DEFAULTS = {"recipe": "data_recipes/synth_semantic.yaml", "speech_path": 1}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return stage_main(SPEC, __doc__, DEFAULTS, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Stage 3: instruction SFT (masked diffusion) on both adapters, plus LoRA on the backbone at real scale.
+
+Embedded default (builds the synthetic corpus if missing, trains the tiny DIFFA-2 on CPU, evaluates, saves):
+    python -m diffa2.stages.sft
+Real DIFFA-2 recipe (frozen Whisper-large-v3 and LLaDA-8B-Instruct, LoRA r=8, from the stage-2 checkpoint):
+    torchrun --nproc_per_node=8 -m diffa2.stages.sft --config stages/sft.yaml \
+        --whisper_path /models/whisper-large-v3 --llada_path /models/LLaDA-8B-Instruct
+"""
+
+from __future__ import annotations
+
+from diffa2.stages.cli import stage_main
+from diffa2.stages.runner import StageSpec
+
+SPEC = StageSpec(name="sft", previous="acoustic")
+DEFAULTS = {"recipe": "data_recipes/synth_sft.yaml"}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return stage_main(SPEC, __doc__, DEFAULTS, argv)
+
+
+if __name__ == "__main__":
+    main()

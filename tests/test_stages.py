@@ -1,0 +1,124 @@
+"""Training stages: real recipes build trainers on real-format tiny bases; the embedded default runs and resumes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+from tiny_checkpoints import write_tiny_hf_whisper
+from tiny_llada import write_tiny_llada
+
+from diffa2.config import parse_config, read_yaml_config
+from diffa2.stages import acoustic, semantic, sft
+from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
+from diffa2.stages.runner import REPO_ROOT, SFTStage
+
+ARG_TYPES = (ModelArguments, DataArguments, EvalArguments, StageTrainingArguments)
+
+
+@pytest.fixture
+def real_format_bases(tmp_path, chat, tokenizer_dir):
+    """Whisper (32 layers, so DIFFA-2's large-v3 taps exist) and LLaDA dirs in the published formats, tiny sizes."""
+    whisper = write_tiny_hf_whisper(tmp_path / "whisper", d_model=32, layers=32, max_source_positions=100)
+    llada = tmp_path / "llada"
+    write_tiny_llada(llada, vocab=len(chat.tokenizer), mask_id=chat.ids.mask, eos_id=chat.ids.eos)
+    for file in tokenizer_dir.iterdir():  # the real LLaDA directory carries its tokenizer
+        shutil.copy(file, llada / file.name)
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    records = []
+    for i in range(3):
+        sf.write(audio / f"{i}.wav", (0.1 * np.sin(np.arange(8000) * (0.05 + 0.02 * i))).astype(np.float32), 16000)
+        records.append({"audio_id": str(i), "audio_filepath": f"{i}.wav", "transcription": "one two",
+                        "input": "What is the pitch?", "target": "high", "dataset": "t", "duration": 0.5})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: t\ntrain:\n  - path: {tmp_path / 'data.json'}\n    audio_root: {audio}\n"
+                      f"validation:\n  - path: {tmp_path / 'data.json'}\n    audio_root: {audio}\n")
+    return whisper, llada, recipe
+
+
+@pytest.mark.parametrize(("name", "lora", "lead"), [("semantic", False, "prompt"), ("acoustic", False, "acoustic"),
+                                                    ("sft", True, "acoustic")])
+def test_real_recipes_build_their_trainers(tmp_path, real_format_bases, name, lora, lead):
+    whisper, llada, recipe = real_format_bases
+    yaml_path = REPO_ROOT / "stages" / f"{name}.yaml"
+    real = read_yaml_config(yaml_path, ARG_TYPES)
+    # DeepSpeed and bf16 need GPUs; everything else is the real recipe, pointed at tiny real-format bases.
+    overrides = {k: v for k, v in real.items() if k not in ("deepspeed", "bf16")}
+    args = parse_config(ARG_TYPES, ["--whisper_path", str(whisper), "--llada_path", str(llada), "--init_from", "none",
+                                    "--recipe", str(recipe), "--output_dir", str(tmp_path / "run")],
+                        "test", overrides=overrides)
+    module = {"semantic": semantic, "acoustic": acoustic, "sft": sft}[name]
+    stage = SFTStage(module.SPEC, *args).setup()
+    targs = stage.trainer.args
+    assert targs.learning_rate == real["learning_rate"] and targs.weight_decay == 0.05
+    assert targs.per_device_train_batch_size == real["per_device_train_batch_size"]
+    assert targs.warmup_steps == 1000 and targs.num_train_epochs == real["num_train_epochs"]
+    assert stage.model.config.tap_layers == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert stage.model.config.num_queries == 64 and stage.model.config.num_prompt_embeddings == 20
+    trainable = {n.split(".")[0] for n, p in stage.model.named_parameters() if p.requires_grad}
+    expected = {"semantic_adapter", "prompt_embeddings"} | ({"acoustic_adapter"} if lead == "acoustic" else set())
+    assert trainable == expected | ({"backbone"} if lora else set())
+    if lora:
+        assert all("lora_" in n for n, p in stage.model.named_parameters() if p.requires_grad and "backbone" in n)
+    assert stage.model.config.stage == (1 if lead == "prompt" else 2)
+
+
+def small_run_args(tmp_path, synth_dir, steps, extra=()):
+    return ["--synth_dir", str(synth_dir), "--output_dir", str(tmp_path), "--max_steps", str(steps),
+            "--per_device_train_batch_size", "4", "--save_steps", "2", "--logging_steps", "1",
+            "--tiny_encoder_dim", "32", "--tiny_llm_dim", "64", "--tiny_llm_layers", "2", "--eval_limit", "4",
+            "--gen_length", "8", "--block_length", "8", "--decode_steps", "4", "--report_to", "none",
+            "--disable_tqdm", "true", *extra]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    from diffa2.data.synth import build_synth_corpus
+
+    return build_synth_corpus(tmp_path_factory.mktemp("synth"), seed=0, size="small").root
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, small_corpus):
+    full = sft.main(small_run_args(tmp_path / "full", small_corpus, 4))
+    # Interrupt: the same run stopped after its step-2 checkpoint (same schedule, since max_steps is unchanged).
+    from transformers import TrainerCallback
+
+    class StopAfterTwo(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= 2
+
+    args = parse_config(ARG_TYPES, small_run_args(tmp_path / "resumed", small_corpus, 4), "test")
+    stage = SFTStage(sft.SPEC, *args).setup()
+    stage.trainer.add_callback(StopAfterTwo())
+    stage.train()
+    assert stage.trainer.state.global_step == 2
+    resumed = sft.main(small_run_args(tmp_path / "resumed", small_corpus, 4, ["--resume", "true"]))
+    assert resumed["steps"] == full["steps"] == 4
+    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_curriculum_chains_stages_and_writes_reports(tmp_path, small_corpus, capsys):
+    runs = tmp_path / "runs"
+    s1 = semantic.main(small_run_args(runs / "semantic", small_corpus, 2))
+    s2 = acoustic.main(small_run_args(runs / "acoustic", small_corpus, 2))
+    s3 = sft.main(small_run_args(runs / "sft", small_corpus, 2))
+    assert s1["model"] == "tiny preset, random initialisation" and "validation_wer" in s1
+    assert s2["model"] == f"initialised from {runs / 'semantic' / 'final'}"
+    assert s3["model"] == f"initialised from {runs / 'acoustic' / 'final'}"
+    for stage in ("semantic", "acoustic", "sft"):
+        assert (runs / stage / "loss.png").stat().st_size > 1000
+        summary = json.loads((runs / stage / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["skipped_items"] == 0
+    assert 0 <= s3["test"]["accuracy"] <= 100 and s3["test"]["total"] == 4
+    assert "synthetic test accuracy" in capsys.readouterr().out
