@@ -1,0 +1,45 @@
+"""The DIFFA-2 curriculum: stage 1 (semantic) -> 2 (acoustic) -> 3 (SFT), each starting from the previous one.
+
+Embedded default (tiny model, synthetic corpus, CPU):
+    python -m diffa2.stages.curriculum
+Options after `--` go to every stage, e.g. `python -m diffa2.stages.curriculum -- --synth_dir /tmp/synth`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from diffa2.stages import acoustic, semantic, sft
+
+STAGES = {"semantic": semantic, "acoustic": acoustic, "sft": sft}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs_dir", default="runs", help="each stage writes to RUNS_DIR/<stage>")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {list(STAGES)}")
+    parser.add_argument("stage_args", nargs=argparse.REMAINDER, help="options passed to every stage (after --)")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.stages.split(",") if n.strip()]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        parser.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
+    passthrough = [a for a in args.stage_args if a != "--"]
+    start = time.time()
+    summaries = []
+    for name in names:
+        print(f"\n##### curriculum: stage {name} #####")
+        summaries.append(STAGES[name].main([*passthrough, "--output_dir", f"{args.runs_dir}/{name}"]))
+    print(f"\n===== curriculum finished in {time.time() - start:.0f} s =====")
+    for summary in summaries:
+        test = summary.get("test")
+        extra = f"test {test['accuracy']:.1f}% (chance {test['chance']:.1f}%)" if test else ""
+        if "validation_wer" in summary:
+            extra += f" WER {summary['validation_wer']:.1f}%"
+        print(f"{summary['stage']:<10} steps {summary['steps']:>5}  loss {summary['final_loss']:.4f}  {extra}")
+    return summaries
+
+
+if __name__ == "__main__":
+    main()
