@@ -1,0 +1,83 @@
+"""Name registries for RL objectives, in the shape of verl's `register_policy_loss` / `get_policy_loss_fn`.
+
+A `Registry` maps names to values. Registering a name again with an equal value is a no-op (importing a module
+twice must not fail); binding it to a different value raises, and looking up an unknown name raises a
+`ValueError` that lists the valid names.
+
+A `FunctionRegistry` holds `RegisteredFn` entries: a function together with its typed config dataclass. Calling an
+entry fills in the config's defaults (the reference implementations' values) when no config is given and rejects
+a config of the wrong type, so a trainer resolves an objective by name in one line::
+
+    loss_mat, metrics = get_policy_loss("dapo")(log_prob, old_log_prob, advantages, response_mask)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Registry(Generic[T]):
+    """Names to values with duplicate detection; `kind` names the registry in error messages."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def add(self, name: str, value: T) -> None:
+        """Bind `name` to `value`; re-binding it to a different value raises `ValueError`."""
+        if name in self._items and self._items[name] != value:
+            raise ValueError(f"{self.kind} {name!r} is already registered to {self._items[name]!r}")
+        self._items[name] = value
+
+    def get(self, name: str) -> T:
+        """The value bound to `name`; an unknown name raises `ValueError` listing the valid ones."""
+        if name not in self._items:
+            raise ValueError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}")
+        return self._items[name]
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self._items))
+
+
+@dataclass(frozen=True)
+class RegisteredFn:
+    """A registered function and its config dataclass (`None` for functions without hyper-parameters)."""
+
+    name: str
+    fn: Callable[..., Any]
+    config_cls: type | None
+
+    def default_config(self, **overrides: Any) -> Any:
+        """The config with the reference defaults, updated by `overrides`."""
+        if self.config_cls is None:
+            raise TypeError(f"{self.name!r} takes no config")
+        return self.config_cls(**overrides)
+
+    def __call__(self, *args: Any, config: Any = None, **kwargs: Any) -> Any:
+        """Call the function, passing `config` (default: `default_config()`) as a keyword argument."""
+        if self.config_cls is None:
+            if config is not None:
+                raise TypeError(f"{self.name!r} takes no config")
+            return self.fn(*args, **kwargs)
+        config = self.config_cls() if config is None else config
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{self.name!r} needs a {self.config_cls.__name__}, got {type(config).__name__}")
+        return self.fn(*args, config=config, **kwargs)
+
+
+class FunctionRegistry(Registry[RegisteredFn]):
+    """A registry of functions with a written, uniform signature (documented where the registry is defined)."""
+
+    def register(self, name: str, config_cls: type | None = None) -> Callable[[F], F]:
+        """Decorator registering a function under `name` with its config class; returns the function unchanged."""
+
+        def decorate(fn: F) -> F:
+            self.add(name, RegisteredFn(name, fn, config_cls))
+            return fn
+
+        return decorate
