@@ -73,3 +73,16 @@ def test_sft_loss_is_seeded_and_trains_both_adapters(chat, tiny_model):
     a.backward()
     assert tiny_model.semantic_adapter.conv1.weight.grad.abs().sum() > 0
     assert tiny_model.acoustic_adapter.queries.grad.abs().sum() > 0
+
+
+def test_feature_cache_gives_the_same_batches(chat, tiny_model):
+    featurizer = LogMelFeaturizer(tiny_model.config.n_mels, tiny_model.config.window_seconds)
+    examples = [SFTExample(clip(1.0 + i / 4, 300 * (i + 1)), "Pitch?", "high", audio_key=f"clip{i}") for i in range(3)]
+    plain = SFTCollator(chat, featurizer)(examples)
+    cached = SFTCollator(chat, featurizer, feature_cache_items=2)
+    first = cached(examples)
+    again = cached(examples[::-1])
+    assert len(cached.features.cache) == 2
+    assert torch.equal(first.input_features, plain.input_features)
+    assert torch.equal(again.input_features, plain.input_features.flip(0))
+    assert torch.equal(again.feature_lengths, plain.feature_lengths.flip(0))

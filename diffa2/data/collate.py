@@ -7,6 +7,7 @@ which is what teaches it to fill the rest of a fixed-length canvas with EOS at d
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ class SFTExample:
     wave: np.ndarray  # 16 kHz mono float32, already within the model window
     instruction: str
     answer: str
+    audio_key: str | None = None  # identifies the clip, so its features can be cached across epochs
 
 
 @dataclass
@@ -43,16 +45,52 @@ class SFTBatch:
         )
 
 
+class CachedFeatures:
+    """Log-mel features of clips, with an LRU cache for clips that carry an `audio_key` (features are pure
+    functions of the audio, and a clip is seen once per epoch, so caching saves the STFT on every later visit)."""
+
+    def __init__(self, featurizer: LogMelFeaturizer, max_items: int = 0) -> None:
+        self.featurizer = featurizer
+        self.max_items = max_items
+        self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def __call__(self, examples: list[SFTExample]) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = [ex.audio_key if self.max_items else None for ex in examples]
+        missing = [i for i, key in enumerate(keys) if key is None or key not in self.cache]
+        fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if missing:
+            features, lengths = self.featurizer([examples[i].wave for i in missing])
+            fresh = {i: (features[j], lengths[j]) for j, i in enumerate(missing)}
+        rows = []
+        for i, key in enumerate(keys):
+            if i in fresh:
+                rows.append(fresh[i])
+                if key is not None:
+                    self.cache[key] = fresh[i]
+                    if len(self.cache) > self.max_items:
+                        self.cache.popitem(last=False)
+            else:
+                self.cache.move_to_end(key)
+                rows.append(self.cache[key])
+        return torch.stack([f for f, _ in rows]), torch.stack([n for _, n in rows])
+
+
 class SFTCollator:
     """Examples -> `SFTBatch`; `answer_length` fixes the answer region (else the batch's longest answer)."""
 
-    def __init__(self, chat: ChatFormat, featurizer: LogMelFeaturizer, answer_length: int | None = None) -> None:
+    def __init__(
+        self,
+        chat: ChatFormat,
+        featurizer: LogMelFeaturizer,
+        answer_length: int | None = None,
+        feature_cache_items: int = 0,
+    ) -> None:
         self.chat = chat
-        self.featurizer = featurizer
+        self.features = CachedFeatures(featurizer, feature_cache_items)
         self.answer_length = answer_length
 
     def __call__(self, examples: list[SFTExample]) -> SFTBatch:
-        features, feature_lengths = self.featurizer([ex.wave for ex in examples])
+        features, feature_lengths = self.features(examples)
         prompts = [self.chat.encode_prompt(ex.instruction) for ex in examples]
         answers = [self.chat.encode_answer(ex.answer) for ex in examples]
         width = self.answer_length or max(len(a) for a in answers)

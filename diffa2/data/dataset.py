@@ -66,5 +66,7 @@ class AudioInstructionDataset(torch.utils.data.Dataset):
                 self.stats.skipped[item.record.where] = str(err)
                 continue
             fields = item.record.fields
-            return SFTExample(wave, fields[item.source.instruction_field], fields[item.source.target_field])
+            audio = fields[item.source.audio_field]
+            key = f"{item.source.path}:{audio}" if isinstance(audio, str) else None
+            return SFTExample(wave, fields[item.source.instruction_field], fields[item.source.target_field], key)
         raise RuntimeError("every item of the dataset has unreadable audio; see the messages above")

@@ -41,6 +41,9 @@ class DataArguments:
     answer_length: int = field(default=16, metadata={"help": "answer tokens per item incl. <|eot_id|> + EOS padding"})
     on_bad_audio: str = field(default="skip", metadata={"help": "skip (count and report) or error"})
     on_bad_record: str = field(default="skip", metadata={"help": "skip (count and report) or raise"})
+    feature_cache_items: int = field(
+        default=4096, metadata={"help": "clips whose log-mel features stay cached in memory (0 = off)"}
+    )
     loss_reduction: str = field(default="per_sample", metadata={"help": "per_sample (LLaDA) or batch (DIFFA code)"})
 
 

@@ -55,20 +55,14 @@ class StageSpec:
     notes: list[str] = field(default_factory=list)
 
 
-class DiffusionSFTTrainer(Trainer):
-    """Trainer whose loss is the masked-diffusion SFT loss and whose checkpoints are DIFFA-2 checkpoints."""
+class DIFFA2Trainer(Trainer):
+    """Trainer whose checkpoints are DIFFA-2 checkpoints (trained tensors + tokenizer); subclasses give the loss."""
 
-    loss_is_scaled_for_ga = False  # our loss is a per-batch mean; let Trainer divide by accumulation steps
+    loss_is_scaled_for_ga = False  # our losses are per-batch means; let Trainer divide by accumulation steps
 
-    def __init__(self, *args, mask_id: int, chat: ChatFormat, loss_reduction: str, **kwargs) -> None:
+    def __init__(self, *args, chat: ChatFormat, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.mask_id = mask_id
         self.chat = chat
-        self.loss_reduction = loss_reduction
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = sft_loss(model, SFTBatch(**inputs), self.mask_id, reduction=self.loss_reduction)
-        return (loss, None) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
@@ -82,6 +76,19 @@ class DiffusionSFTTrainer(Trainer):
         model = self.accelerator.unwrap_model(model or self.model)
         weights = Path(resume_from_checkpoint) / WEIGHTS_NAME
         load_stored_tensors(model, load_file(weights), source=str(weights))
+
+
+class DiffusionSFTTrainer(DIFFA2Trainer):
+    """The masked-diffusion SFT loss of stages 1-3."""
+
+    def __init__(self, *args, mask_id: int, chat: ChatFormat, loss_reduction: str, **kwargs) -> None:
+        super().__init__(*args, chat=chat, **kwargs)
+        self.mask_id = mask_id
+        self.loss_reduction = loss_reduction
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = sft_loss(model, SFTBatch(**inputs), self.mask_id, reduction=self.loss_reduction)
+        return (loss, None) if return_outputs else loss
 
 
 def resolve_path(path: str) -> Path:
@@ -209,7 +216,8 @@ class SFTStage:
             self.log(f"skipping record {problem}")
         self.dataset = AudioInstructionDataset(items, self.max_seconds, on_bad_audio=self.data_args.on_bad_audio)
         self.qa = AudioQA(self.model, self.chat)
-        collator = SFTCollator(self.chat, self.qa.featurizer, answer_length=self.data_args.answer_length)
+        collator = SFTCollator(self.chat, self.qa.featurizer, answer_length=self.data_args.answer_length,
+                               feature_cache_items=self.data_args.feature_cache_items)
         self.log(f"data: recipe {self.recipe.name} ({recipe_path}), {len(self.dataset):,} training items")
 
         self.trainer = DiffusionSFTTrainer(
