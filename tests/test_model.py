@@ -81,3 +81,20 @@ def test_real_preset_adapter_sizes_match_the_reference_counts():
                                    num_layers=2, num_heads=20, intermediate_size=3072)
     assert sum(p.numel() for p in semantic.parameters()) == 36_392_448
     assert sum(p.numel() for p in acoustic.parameters()) == 47_892_992
+
+
+def test_gradient_checkpointing_keeps_gradients(chat):
+    waves = [clip(1.0), clip(2.0, 900)]
+    prompts = [chat.encode_prompt("Pitch?"), chat.encode_prompt("How many beeps are there?")]
+    answers = torch.tensor([[5, chat.ids.mask, 7], [chat.ids.mask, 9, 10]])
+    grads = []
+    for checkpointing in (False, True):
+        model = make_tiny_model(chat).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        feats, lengths = featurize(model, waves)
+        logits = model(feats, lengths, [p for p, _ in prompts], [s for _, s in prompts], answers)
+        logits.logsumexp(-1).sum().backward()
+        grads.append(model.backbone.lm.model.layers[0].mlp.up_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+    assert grads[0].abs().sum() > 0

@@ -44,6 +44,11 @@ class Prefix:
     def select(self, rows: torch.Tensor) -> Prefix:
         return Prefix(self.embeds[rows], self.attention_mask[rows], self.is_text[rows])
 
+    def repeat(self, times: int) -> Prefix:
+        """The B rows stacked `times` times: row i·B + b is row b."""
+        return Prefix(self.embeds.repeat(times, 1, 1), self.attention_mask.repeat(times, 1),
+                      self.is_text.repeat(times, 1))
+
 
 class DIFFA2Model(nn.Module):
     """Whisper encoder + semantic and acoustic adapters + learned prompts + LLaDA backbone (+ LoRA)."""
@@ -138,10 +143,23 @@ class DIFFA2Model(nn.Module):
         audio_slots: list[int],
         answer_ids: torch.Tensor,
         answer_mask: torch.Tensor | None = None,
+        *,
+        answers_per_prompt: int = 1,
     ) -> torch.Tensor:
-        """Answer-region logits for a batch: audio features, prompts, and noised answer ids."""
+        """Answer-region logits for a batch: audio features, prompts, and noised answer ids.
+
+        With `answers_per_prompt` k, `answer_ids` holds k·B rows: k stacked blocks of B answers to the same B
+        prompts (row i·B + b answers prompt b). The speech and prefix are computed once and shared by the blocks
+        (VRPO scores chosen and rejected answers under several masks per prompt in one call).
+        """
         speech = self.encode_speech(input_features, feature_lengths)
-        return self.answer_logits(self.build_prefix(prompt_ids, audio_slots, speech), answer_ids, answer_mask)
+        prefix = self.build_prefix(prompt_ids, audio_slots, speech)
+        if answer_ids.shape[0] != answers_per_prompt * len(prompt_ids):
+            raise ValueError(f"{answer_ids.shape[0]} answer rows for {len(prompt_ids)} prompts "
+                             f"x {answers_per_prompt} answers per prompt")
+        if answers_per_prompt != 1:
+            prefix = prefix.repeat(answers_per_prompt)
+        return self.answer_logits(prefix, answer_ids, answer_mask)
 
     # -- LoRA -------------------------------------------------------------------------------------
 
@@ -173,6 +191,12 @@ class DIFFA2Model(nn.Module):
         self.backbone.lm = self.backbone.lm.merge_and_unload()
         self.config.lora = None
         self.config.backbone_trainable = True
+
+    # -- memory -----------------------------------------------------------------------------------
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute backbone activations in the backward pass (Trainer's `--gradient_checkpointing`)."""
+        self.backbone.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
     # -- trainable-parameter policy ---------------------------------------------------------------
 
