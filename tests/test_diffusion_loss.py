@@ -86,3 +86,24 @@ def test_feature_cache_gives_the_same_batches(chat, tiny_model):
     assert torch.equal(first.input_features, plain.input_features)
     assert torch.equal(again.input_features, plain.input_features.flip(0))
     assert torch.equal(again.feature_lengths, plain.feature_lengths.flip(0))
+
+
+def test_count_form_masks_exactly_k_and_weights_l_over_k():
+    answers = torch.arange(6 * 8).reshape(6, 8) % 40 + 1
+    answer_mask = torch.ones_like(answers, dtype=torch.bool)
+    answer_mask[3:, 5:] = False
+    out = forward_process(answers, answer_mask, mask_id=99, form="count", generator=torch.Generator().manual_seed(1))
+    lengths = answer_mask.sum(1)
+    k = out.masked.sum(1)
+    assert ((k >= 1) & (k <= lengths)).all() and not out.masked[3:, 5:].any()
+    torch.testing.assert_close(out.p_mask, k.float() / lengths.float())
+
+
+def test_count_form_draws_every_k_uniformly():
+    answers = torch.ones(20000, 4, dtype=torch.long)
+    out = forward_process(answers, torch.ones_like(answers, dtype=torch.bool), mask_id=9, form="count",
+                          generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(out.masked.sum(1), minlength=5)[1:].float() / 20000
+    torch.testing.assert_close(counts, torch.full((4,), 0.25), atol=0.015, rtol=0)
+    position_rate = out.masked.float().mean(0)  # each position equally likely to be masked: E[k]/L = 2.5/4
+    torch.testing.assert_close(position_rate, torch.full((4,), 0.625), atol=0.015, rtol=0)

@@ -1,24 +1,30 @@
-"""The forward (noising) process of masked diffusion, LLaDA style (`ML-GSAI/LLaDA:GUIDELINES.md`).
+"""The forward (noising) process of masked diffusion, LLaDA style, in its two unbiased forms.
 
-One ratio per sample, t ~ U(0, 1), p = (1 - eps) t + eps; each answer token is replaced by [MASK]
-independently with probability p. Prompt and speech positions are not part of the answer tensor, so they
-can never be masked.
+- `ratio` (`ML-GSAI/LLaDA:GUIDELINES.md`): one ratio per sample, t ~ U(0, 1), p = (1 - eps) t + eps; each
+  answer token is replaced by [MASK] independently with probability p; the loss weight is 1/p.
+- `count` (`ML-GSAI/LLaDA:get_log_likelihood.py`): k ~ U{1..L} per sample and exactly k of its L answer
+  tokens masked; the weight is L/k <= L, so a rare lightly-masked sample cannot dominate a batch with a
+  1/p of up to 1000. Same expectation, much lower variance for short answers.
+
+Prompt and speech positions are not part of the answer tensor, so they can never be masked.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 DEFAULT_EPS = 1e-3
+MaskingForm = Literal["ratio", "count"]
 
 
 @dataclass
 class NoisedAnswers:
     noisy_ids: torch.Tensor  # (B, L) answer ids with masked positions set to the mask id
     masked: torch.Tensor  # (B, L) bool, True where a token was masked (always inside answer_mask)
-    p_mask: torch.Tensor  # (B,) masking probability of each sample
+    p_mask: torch.Tensor  # (B,) masking probability of each sample (k / L in the count form); loss weight 1/p
 
 
 def mask_probability(t: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
@@ -32,13 +38,25 @@ def forward_process(
     mask_id: int,
     *,
     eps: float = DEFAULT_EPS,
+    form: MaskingForm = "ratio",
     generator: torch.Generator | None = None,
 ) -> NoisedAnswers:
-    """Mask each sample's answer tokens i.i.d. with its own probability p (positions outside answer_mask never)."""
+    """Mask each sample's answer tokens (never positions outside answer_mask) in the given form."""
     batch = answer_ids.shape[0]
-    t = torch.rand(batch, generator=generator, device=answer_ids.device)
-    p_mask = mask_probability(t, eps)
-    draws = torch.rand(answer_ids.shape, generator=generator, device=answer_ids.device)
-    masked = (draws < p_mask[:, None]) & answer_mask.bool()
+    device = answer_ids.device
+    draws = torch.rand(answer_ids.shape, generator=generator, device=device)
+    inside = answer_mask.bool()
+    if form == "ratio":
+        p_mask = mask_probability(torch.rand(batch, generator=generator, device=device), eps)
+        masked = (draws < p_mask[:, None]) & inside
+    elif form == "count":
+        lengths = inside.sum(dim=1).clamp(min=1)
+        k = (torch.rand(batch, generator=generator, device=device) * lengths).long() + 1  # U{1..L}
+        # The k answer positions with the smallest draws: a uniformly random subset of size k.
+        rank = draws.masked_fill(~inside, 2.0).argsort(dim=1).argsort(dim=1)
+        masked = (rank < k[:, None]) & inside
+        p_mask = k.float() / lengths.float()
+    else:
+        raise ValueError(f"unknown masking form {form!r}; choose 'ratio' or 'count'")
     noisy = torch.where(masked, torch.full_like(answer_ids, mask_id), answer_ids)
     return NoisedAnswers(noisy, masked, p_mask)

@@ -6,7 +6,7 @@ import torch
 
 from diffa2.data.collate import SFTBatch
 from diffa2.diffusion.loss import Reduction, masked_token_loss, reduce_loss
-from diffa2.diffusion.masking import DEFAULT_EPS, forward_process
+from diffa2.diffusion.masking import DEFAULT_EPS, MaskingForm, forward_process
 from diffa2.modeling.model import DIFFA2Model
 
 
@@ -16,6 +16,7 @@ def sft_loss(
     mask_id: int,
     *,
     eps: float = DEFAULT_EPS,
+    form: MaskingForm = "ratio",
     reduction: Reduction = "per_sample",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -23,7 +24,7 @@ def sft_loss(
 
     `model` may be a distributed wrapper of a `DIFFA2Model`; it is only called.
     """
-    noised = forward_process(batch.answer_ids, batch.answer_mask, mask_id, eps=eps, generator=generator)
+    noised = forward_process(batch.answer_ids, batch.answer_mask, mask_id, eps=eps, form=form, generator=generator)
     logits = model(
         batch.input_features,
         batch.feature_lengths,

@@ -44,6 +44,9 @@ class DataArguments:
     feature_cache_items: int = field(
         default=4096, metadata={"help": "clips whose log-mel features stay cached in memory (0 = off)"}
     )
+    masking_form: str = field(
+        default="ratio", metadata={"help": "ratio (LLaDA SFT: p ~ U, weight 1/p) or count (k ~ U{1..L}, weight L/k)"}
+    )
     loss_reduction: str = field(default="per_sample", metadata={"help": "per_sample (LLaDA) or batch (DIFFA code)"})
 
 

@@ -1,4 +1,4 @@
-"""The DIFFA-2 curriculum: stage 1 (semantic) -> 2 (acoustic) -> 3 (SFT), each starting from the previous one.
+"""The DIFFA-2 curriculum: stage 1 (semantic) -> 2 (acoustic) -> 3 (SFT) -> 4 (VRPO), each from the previous one.
 
 Embedded default (tiny model, synthetic corpus, CPU):
     python -m diffa2.stages.curriculum
@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from diffa2.stages import acoustic, semantic, sft
+from diffa2.stages import acoustic, semantic, sft, vrpo
 
-STAGES = {"semantic": semantic, "acoustic": acoustic, "sft": sft}
+STAGES = {"semantic": semantic, "acoustic": acoustic, "sft": sft, "vrpo": vrpo}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         extra = f"test {test['accuracy']:.1f}% (chance {test['chance']:.1f}%)" if test else ""
         if "validation_wer" in summary:
             extra += f" WER {summary['validation_wer']:.1f}%"
+        if summary.get("preference"):
+            before = summary["before"]["preference"]["accuracy"]
+            extra += f" preference {before:.1f}% -> {summary['preference']['accuracy']:.1f}%"
         print(f"{summary['stage']:<10} steps {summary['steps']:>5}  loss {summary['final_loss']:.4f}  {extra}")
     return summaries
 

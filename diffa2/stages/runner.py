@@ -53,6 +53,8 @@ class StageSpec:
     previous: str | None  # stage whose final checkpoint initialises this one ('auto')
     asr_eval: bool = False  # stage 1 reports word error rate of transcriptions
     notes: list[str] = field(default_factory=list)
+    requires_previous: bool = False  # 'auto' without the previous stage's checkpoint is an error, not a fresh start
+    objective: str = "masked-diffusion loss"  # what the loss curve shows
 
 
 class DIFFA2Trainer(Trainer):
@@ -110,7 +112,15 @@ def previous_checkpoint(model_args: ModelArguments, spec: StageSpec, output_dir:
     if spec.previous is None:
         return None
     candidate = output_dir.parent / spec.previous / "final"
-    return candidate if (candidate / "config.json").is_file() else None
+    if (candidate / "config.json").is_file():
+        return candidate
+    if spec.requires_previous:
+        raise FileNotFoundError(
+            f"{spec.name} starts from the {spec.previous} stage's checkpoint, but {candidate} holds none: run "
+            f"`python -m diffa2.stages.{spec.previous} --output_dir {output_dir.parent / spec.previous}` first, "
+            f"or pass --init_from PATH"
+        )
+    return None
 
 
 def build_model(
@@ -214,13 +224,19 @@ class SFTStage:
         )
         for problem in self.record_problems:
             self.log(f"skipping record {problem}")
-        self.dataset = AudioInstructionDataset(items, self.max_seconds, on_bad_audio=self.data_args.on_bad_audio)
+        self.dataset = self.make_dataset(items)
         self.qa = AudioQA(self.model, self.chat)
+        self.log(f"data: recipe {self.recipe.name} ({recipe_path}), {len(self.dataset):,} training items")
+        self.trainer = self.make_trainer()
+        return self
+
+    def make_dataset(self, items: list) -> AudioInstructionDataset:
+        return AudioInstructionDataset(items, self.max_seconds, on_bad_audio=self.data_args.on_bad_audio)
+
+    def make_trainer(self) -> DIFFA2Trainer:
         collator = SFTCollator(self.chat, self.qa.featurizer, answer_length=self.data_args.answer_length,
                                feature_cache_items=self.data_args.feature_cache_items)
-        self.log(f"data: recipe {self.recipe.name} ({recipe_path}), {len(self.dataset):,} training items")
-
-        self.trainer = DiffusionSFTTrainer(
+        return DiffusionSFTTrainer(
             model=self.model,
             args=self.train_args,
             train_dataset=self.dataset,
@@ -228,8 +244,8 @@ class SFTStage:
             mask_id=self.chat.ids.mask,
             chat=self.chat,
             loss_reduction=self.data_args.loss_reduction,
+            masking_form=self.data_args.masking_form,
         )
-        return self
 
     # -- train, save, evaluate, report ------------------------------------------------------------------
 
@@ -256,7 +272,7 @@ class SFTStage:
     def evaluate(self) -> None:
         self.model.eval()
         args = self.eval_args
-        decode = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.decode_steps)
+        decode = self.decode_config()
         self.summary["decoding"] = vars(decode)
         if self.spec.asr_eval and self.recipe.validation:
             items, _ = load_split(self.recipe.validation, synth_dir=self.synth_dir, seed=0, on_error="skip")
@@ -264,16 +280,26 @@ class SFTStage:
             examples = [val_set[i] for i in range(len(val_set))]
             self.summary["validation_wer"] = round(evaluate_transcription(self.qa, examples, decode), 2)
         if args.test_file:
-            test_file = Path(args.test_file.replace("{synth}", str(self.synth_dir)))
-            self.summary["test"] = evaluate_multiple_choice(
-                self.qa, test_file, decode, limit=args.eval_limit, batch_size=args.eval_batch_size
-            )
+            self.summary["test"] = self.test_accuracy()
+
+    def decode_config(self) -> DecodeConfig:
+        args = self.eval_args
+        return DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.decode_steps)
+
+    def test_accuracy(self) -> dict:
+        """Multiple-choice accuracy of the current model on `--test_file`, next to chance."""
+        self.model.eval()
+        args = self.eval_args
+        test_file = Path(args.test_file.replace("{synth}", str(self.synth_dir)))
+        return evaluate_multiple_choice(
+            self.qa, test_file, self.decode_config(), limit=args.eval_limit, batch_size=args.eval_batch_size
+        )
 
     def report(self) -> dict:
         log_history = self.trainer.state.log_history
         atomic_write_text(self.output_dir / "train_log.jsonl", "".join(json.dumps(e) + "\n" for e in log_history))
         plot_loss_curve([e for e in log_history if "loss" in e], self.output_dir / "loss.png",
-                        title=f"{self.spec.name}: masked-diffusion loss")
+                        title=f"{self.spec.name}: {self.spec.objective}")
         self.summary["total_seconds"] = round(time.time() - self.start, 1)
         atomic_write_json(self.output_dir / "summary.json", self.summary)
         print_summary(self.summary, self.output_dir)
