@@ -1,0 +1,148 @@
+"""Command line of the benchmark runners: ``python -m diffa2.eval {run,score,prompts} --help``.
+
+Laptop (the embedded default's synthetic test split, on the checkpoint `make train` wrote to runs/sft/final):
+    python -m diffa2.eval run --benchmark synth
+Real scale:
+    python -m diffa2.eval run --benchmark mmau --model CKPT --data mmau-test-mini.json --audio-root DIR --batch-size 16
+    python -m diffa2.eval run --benchmark mmsu --model CKPT --data ddwang2000/MMSU
+    python -m diffa2.eval score --benchmark mmau --predictions predictions.json --mode normalized
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffa2.eval.loaders import DataError, read_predictions, validate
+from diffa2.eval.prompts import PROMPTS
+from diffa2.eval.report import build_report, format_table, write_report
+from diffa2.eval.scoring import score_records
+from diffa2.eval.specs import BUILTIN_SPECS, MODES, SpecError, load_spec
+
+BENCHMARKS = sorted(BUILTIN_SPECS)
+
+
+def _add_decoding(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decoding (default: the benchmark spec's; DIFFA-2 used 16/16/16, greedy)")
+    group.add_argument("--gen-length", type=int, help="answer tokens to generate")
+    group.add_argument("--block-length", type=int, help="semi-autoregressive block size")
+    group.add_argument("--steps", type=int, help="total denoising steps")
+    group.add_argument("--temperature", type=float, help="Gumbel noise temperature (0 = greedy)")
+    group.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale")
+    group.add_argument("--remasking", choices=["low_confidence", "random"], help="remasking strategy")
+    group.add_argument("--logits-eos-inf", action=argparse.BooleanOptionalAction, default=None,
+                       help="never predict EOS")  # fmt: skip
+    group.add_argument("--confidence-eos-eot-inf", action=argparse.BooleanOptionalAction, default=None,
+                       help="commit EOS / end-of-turn predictions last")  # fmt: skip
+
+
+DECODING_FLAGS = ("gen_length", "block_length", "steps", "temperature", "cfg_scale", "remasking", "logits_eos_inf",
+                  "confidence_eos_eot_inf")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffa2.eval",
+        description="Benchmark runners (MMSU, MMAU, MMAR, synth) with the official scoring rules.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="decode a benchmark with a checkpoint, write predictions and reports",
+                         description="Decode a benchmark with a checkpoint (resumable), write predictions in the "
+                         "official submission format, samples.jsonl, report.json/.md/.png.")  # fmt: skip
+    run.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    run.add_argument("--model", help="DIFFA-2 checkpoint folder (save_pretrained layout); default: the spec's "
+                     "(synth: runs/sft/final, written by `make train`)")  # fmt: skip
+    run.add_argument("--data", help="metadata file (MMAU JSON, MMAR JSONL, MMSU JSONL/parquet) or HF dataset id; "
+                     "default: the spec's (mmsu: ddwang2000/MMSU; synth: the corpus at data/synth)")  # fmt: skip
+    run.add_argument("--audio-root", help="folder the records' audio paths are relative to (default: the data "
+                     "file's folder)")  # fmt: skip
+    run.add_argument("--out", help="output folder (default: runs/eval/<benchmark>)")
+    run.add_argument("--batch-size", type=int, default=8, help="items per decoding batch (default: 8)")
+    run.add_argument("--limit", type=int, help="only the first N items")
+    run.add_argument("--seed", type=int, default=0, help="base seed; each item's seed derives from it and its id")
+    run.add_argument("--prompt", choices=sorted(PROMPTS), help="prompt template (default: the spec's)")
+    run.add_argument("--mode", choices=MODES, help="scoring mode (default: the spec's, official)")
+    run.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    run.add_argument("--spec", help="benchmark spec YAML (default: eval/<benchmark>.yaml, else built-in)")
+    run.add_argument("--hf-revision", help="Hugging Face dataset revision to pin")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_decoding(run)
+
+    score = sub.add_parser("score", help="rescore a predictions file in the official submission format",
+                           description="Rescore a predictions file (ours or another toolkit's) in the benchmark's "
+                           "official submission format and print the table.")  # fmt: skip
+    score.add_argument("--benchmark", required=True, choices=BENCHMARKS)
+    score.add_argument("--predictions", required=True, help="predictions file (.json list or .jsonl)")
+    score.add_argument("--mode", choices=MODES, help="scoring mode (default: official)")
+    score.add_argument("--prediction-key", help="key holding the model's text (default: the official one, e.g. "
+                       "model_output; model_prediction is used when no record has model_output)")  # fmt: skip
+    score.add_argument("--out", help="write the report here (.json; .md and .png beside it)")
+    score.add_argument("--spec", help="benchmark spec YAML (default: eval/<benchmark>.yaml, else built-in)")
+
+    prompts = sub.add_parser("prompts", help="list the prompt templates, or show one rendered",
+                             description="List the prompt templates, or render one on an example item.")
+    prompts.add_argument("--show", choices=sorted(PROMPTS), help="render this template on an example")
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from diffa2.eval.runner import RunOptions, run_benchmark
+
+    decoding = {k: getattr(args, k) for k in DECODING_FLAGS if getattr(args, k) is not None}
+    model = args.model or load_spec(args.benchmark, args.spec).default_model
+    if model is None:
+        raise ValueError(f"--model is required for {args.benchmark}")
+    if not Path(model).is_dir():
+        raise ValueError(f"checkpoint folder {model!r} does not exist" +
+                         (" (train the embedded default first: make train)" if not args.model else ""))  # fmt: skip
+    options = RunOptions(
+        benchmark=args.benchmark, model=model, data=args.data, audio_root=args.audio_root, out=args.out,
+        batch_size=args.batch_size, limit=args.limit, seed=args.seed, prompt=args.prompt, mode=args.mode,
+        decoding=decoding, device=args.device, spec_file=args.spec, hf_revision=args.hf_revision,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    run_benchmark(options)
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    spec = load_spec(args.benchmark, args.spec)
+    records = read_predictions(args.predictions)
+    validate(records, spec, for_run=False, source=args.predictions)
+    result = score_records(records, spec, args.mode, args.prediction_key)
+    report = build_report(result, {"predictions": str(Path(args.predictions).resolve())})
+    print(format_table(report))
+    if args.out:
+        out = Path(args.out)
+        paths = write_report(report, out.parent, stem=out.stem)
+        print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    return 0
+
+
+def _cmd_prompts(args: argparse.Namespace) -> int:
+    if args.show:
+        template = PROMPTS[args.show]
+        print(template("Which instrument is playing?", ["piano", "violin", "drums", "flute"]))
+        return 0
+    for name in sorted(PROMPTS):
+        t = PROMPTS[name]
+        print(f"{name:<18} answers with {t.answer_style:<6}  {t.source}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": _cmd_run, "score": _cmd_score, "prompts": _cmd_prompts}[args.command](args)
+    except (DataError, SpecError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
