@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import TOKENIZER_TEXTS, make_tiny_model  # noqa: E402
+from tiny_checkpoints import write_tiny_hf_whisper  # noqa: E402
+from tiny_llada import write_tiny_llada  # noqa: E402
 
 from diffa2.chat import ChatFormat  # noqa: E402
 from diffa2.data.tokenizer import build_tokenizer  # noqa: E402
@@ -29,3 +35,34 @@ def chat(tokenizer_dir) -> ChatFormat:
 @pytest.fixture
 def tiny_model(chat):
     return make_tiny_model(chat)
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """The synthetic corpus at its "small" size, built once per test session."""
+    from diffa2.data.synth import build_synth_corpus
+
+    return build_synth_corpus(tmp_path_factory.mktemp("synth"), seed=0, size="small").root
+
+
+@pytest.fixture
+def real_format_bases(tmp_path, chat, tokenizer_dir):
+    """Whisper (32 layers, so DIFFA-2's large-v3 taps exist) and LLaDA dirs in the published formats, tiny sizes."""
+    whisper = write_tiny_hf_whisper(tmp_path / "whisper", d_model=32, layers=32, max_source_positions=100)
+    llada = tmp_path / "llada"
+    write_tiny_llada(llada, vocab=len(chat.tokenizer), mask_id=chat.ids.mask, eos_id=chat.ids.eos)
+    for file in tokenizer_dir.iterdir():  # the real LLaDA directory carries its tokenizer
+        shutil.copy(file, llada / file.name)
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    records = []
+    for i in range(3):
+        sf.write(audio / f"{i}.wav", (0.1 * np.sin(np.arange(8000) * (0.05 + 0.02 * i))).astype(np.float32), 16000)
+        records.append({"audio_id": str(i), "audio_filepath": f"{i}.wav", "transcription": "one two",
+                        "input": "What is the pitch?", "target": "high", "rejected": "low", "dataset": "t",
+                        "duration": 0.5})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: t\ntrain:\n  - path: {tmp_path / 'data.json'}\n    audio_root: {audio}\n"
+                      f"validation:\n  - path: {tmp_path / 'data.json'}\n    audio_root: {audio}\n")
+    return whisper, llada, recipe

@@ -29,3 +29,13 @@ def clip(seconds: float, freq: float = 440.0, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * 16000)) / 16000
     return (0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def small_run_args(output_dir, synth_dir, steps, extra=()) -> list[str]:
+    """Flags of a tiny stage run: a 2-layer 64-wide model, batch 4, a few steps, 4 test items, no tensorboard."""
+    return ["--synth_dir", str(synth_dir), "--synth_size", "small", "--output_dir", str(output_dir),
+            "--max_steps", str(steps),
+            "--per_device_train_batch_size", "4", "--save_steps", "2", "--logging_steps", "1",
+            "--tiny_encoder_dim", "32", "--tiny_llm_dim", "64", "--tiny_llm_layers", "2", "--eval_limit", "4",
+            "--gen_length", "8", "--block_length", "8", "--decode_steps", "4", "--report_to", "none",
+            "--disable_tqdm", "true", *extra]

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
+from helpers import small_run_args
 from safetensors.torch import load_file
-from tiny_checkpoints import write_tiny_hf_whisper
-from tiny_llada import write_tiny_llada
 
 from diffa2.config import parse_config, read_yaml_config
 from diffa2.stages import acoustic, semantic, sft
@@ -19,28 +15,6 @@ from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments
 from diffa2.stages.runner import REPO_ROOT, SFTStage
 
 ARG_TYPES = (ModelArguments, DataArguments, EvalArguments, StageTrainingArguments)
-
-
-@pytest.fixture
-def real_format_bases(tmp_path, chat, tokenizer_dir):
-    """Whisper (32 layers, so DIFFA-2's large-v3 taps exist) and LLaDA dirs in the published formats, tiny sizes."""
-    whisper = write_tiny_hf_whisper(tmp_path / "whisper", d_model=32, layers=32, max_source_positions=100)
-    llada = tmp_path / "llada"
-    write_tiny_llada(llada, vocab=len(chat.tokenizer), mask_id=chat.ids.mask, eos_id=chat.ids.eos)
-    for file in tokenizer_dir.iterdir():  # the real LLaDA directory carries its tokenizer
-        shutil.copy(file, llada / file.name)
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    records = []
-    for i in range(3):
-        sf.write(audio / f"{i}.wav", (0.1 * np.sin(np.arange(8000) * (0.05 + 0.02 * i))).astype(np.float32), 16000)
-        records.append({"audio_id": str(i), "audio_filepath": f"{i}.wav", "transcription": "one two",
-                        "input": "What is the pitch?", "target": "high", "dataset": "t", "duration": 0.5})
-    (tmp_path / "data.json").write_text(json.dumps(records))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"name: t\ntrain:\n  - path: {tmp_path / 'data.json'}\n    audio_root: {audio}\n"
-                      f"validation:\n  - path: {tmp_path / 'data.json'}\n    audio_root: {audio}\n")
-    return whisper, llada, recipe
 
 
 @pytest.mark.parametrize(("name", "lora", "lead"), [("semantic", False, "prompt"), ("acoustic", False, "acoustic"),
@@ -68,21 +42,6 @@ def test_real_recipes_build_their_trainers(tmp_path, real_format_bases, name, lo
     if lora:
         assert all("lora_" in n for n, p in stage.model.named_parameters() if p.requires_grad and "backbone" in n)
     assert stage.model.config.stage == (1 if lead == "prompt" else 2)
-
-
-def small_run_args(tmp_path, synth_dir, steps, extra=()):
-    return ["--synth_dir", str(synth_dir), "--output_dir", str(tmp_path), "--max_steps", str(steps),
-            "--per_device_train_batch_size", "4", "--save_steps", "2", "--logging_steps", "1",
-            "--tiny_encoder_dim", "32", "--tiny_llm_dim", "64", "--tiny_llm_layers", "2", "--eval_limit", "4",
-            "--gen_length", "8", "--block_length", "8", "--decode_steps", "4", "--report_to", "none",
-            "--disable_tqdm", "true", *extra]
-
-
-@pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory):
-    from diffa2.data.synth import build_synth_corpus
-
-    return build_synth_corpus(tmp_path_factory.mktemp("synth"), seed=0, size="small").root
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Batching audio-instruction-answer examples for masked-diffusion SFT.
+"""Batching audio-instruction-answer examples for masked-diffusion SFT, and preference pairs for VRPO.
 
 Prompts stay lists (their speech is spliced in per row by the model); answers are `answer + <|eot_id|>`
 right-padded with EOS, and the EOS padding is part of the answer the model learns (LLaDA's SFT convention,
@@ -90,20 +90,74 @@ class SFTCollator:
         self.answer_length = answer_length
 
     def __call__(self, examples: list[SFTExample]) -> SFTBatch:
+        features, feature_lengths, prompt_ids, audio_slots = self.encode_inputs(examples)
+        answer_ids = self.encode_answers([ex.answer for ex in examples])
+        return SFTBatch(
+            input_features=features,
+            feature_lengths=feature_lengths,
+            prompt_ids=prompt_ids,
+            audio_slots=audio_slots,
+            answer_ids=answer_ids,
+            answer_mask=torch.ones_like(answer_ids, dtype=torch.bool),
+        )
+
+    def encode_inputs(self, examples: list) -> tuple[torch.Tensor, torch.Tensor, list[list[int]], list[int]]:
+        """Features, feature lengths, prompt ids and audio slots of examples with `wave` and `instruction`."""
         features, feature_lengths = self.features(examples)
         prompts = [self.chat.encode_prompt(ex.instruction) for ex in examples]
-        answers = [self.chat.encode_answer(ex.answer) for ex in examples]
+        return features, feature_lengths, [ids for ids, _ in prompts], [slot for _, slot in prompts]
+
+    def encode_answers(self, texts: list[str]) -> torch.Tensor:
+        """`(N, La)` answer ids: text + `<|eot_id|>`, EOS-padded to `answer_length` (else the longest)."""
+        answers = [self.chat.encode_answer(text) for text in texts]
         width = self.answer_length or max(len(a) for a in answers)
         too_long = [(i, len(a)) for i, a in enumerate(answers) if len(a) > width]
         if too_long:
             raise ValueError(f"answers longer than answer_length={width} tokens (item, tokens): {too_long}")
         eos = self.chat.ids.eos
-        answer_ids = torch.tensor([a + [eos] * (width - len(a)) for a in answers], dtype=torch.long)
-        return SFTBatch(
-            input_features=features,
-            feature_lengths=feature_lengths,
-            prompt_ids=[ids for ids, _ in prompts],
-            audio_slots=[slot for _, slot in prompts],
-            answer_ids=answer_ids,
-            answer_mask=torch.ones_like(answer_ids, dtype=torch.bool),
-        )
+        return torch.tensor([a + [eos] * (width - len(a)) for a in answers], dtype=torch.long)
+
+
+@dataclass
+class PairExample:
+    """A preference pair: one clip and instruction, a chosen and a rejected answer (VRPO, stage 4)."""
+
+    wave: np.ndarray
+    instruction: str
+    chosen: str
+    rejected: str
+    audio_key: str | None = None
+
+
+@dataclass
+class PairBatch:
+    """P preference pairs sharing their audio and prompt; both answers are EOS-padded to one width La."""
+
+    input_features: torch.Tensor  # (P, n_mels, frames)
+    feature_lengths: torch.Tensor  # (P,)
+    prompt_ids: list[list[int]]
+    audio_slots: list[int]
+    chosen_ids: torch.Tensor  # (P, La)
+    rejected_ids: torch.Tensor  # (P, La)
+    answer_mask: torch.Tensor  # (P, La) bool, the answer region of either answer (EOS padding included)
+
+    @property
+    def answers(self) -> torch.Tensor:
+        """`(2P, La)`: the chosen answers, then the rejected ones."""
+        return torch.cat([self.chosen_ids, self.rejected_ids])
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        return PairBatch(self.input_features.to(device), self.feature_lengths.to(device), self.prompt_ids,
+                         self.audio_slots, self.chosen_ids.to(device), self.rejected_ids.to(device),
+                         self.answer_mask.to(device))
+
+
+class PairCollator(SFTCollator):
+    """`PairExample`s -> `PairBatch`: features and prompt once per pair, answers as in SFT (same width for both)."""
+
+    def __call__(self, examples: list[PairExample]) -> PairBatch:  # type: ignore[override]
+        features, feature_lengths, prompt_ids, audio_slots = self.encode_inputs(examples)
+        answers = self.encode_answers([ex.chosen for ex in examples] + [ex.rejected for ex in examples])
+        chosen, rejected = answers.split(len(examples))
+        return PairBatch(features, feature_lengths, prompt_ids, audio_slots, chosen, rejected,
+                         torch.ones_like(chosen, dtype=torch.bool))

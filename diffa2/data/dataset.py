@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from diffa2.audio import AudioError, decode_audio_bytes, load_audio, trim_to_window
-from diffa2.data.collate import SFTExample
+from diffa2.data.collate import PairExample, SFTExample
 from diffa2.data.recipe import RecipeItem
 
 
@@ -65,8 +65,26 @@ class AudioInstructionDataset(torch.utils.data.Dataset):
                     print(f"[diffa2] skipping {err}")
                 self.stats.skipped[item.record.where] = str(err)
                 continue
-            fields = item.record.fields
-            audio = fields[item.source.audio_field]
+            audio = item.record.fields[item.source.audio_field]
             key = f"{item.source.path}:{audio}" if isinstance(audio, str) else None
-            return SFTExample(wave, fields[item.source.instruction_field], fields[item.source.target_field], key)
+            return self.make_example(wave, item, key)
         raise RuntimeError("every item of the dataset has unreadable audio; see the messages above")
+
+    def make_example(self, wave, item: RecipeItem, audio_key: str | None) -> SFTExample:
+        fields = item.record.fields
+        return SFTExample(wave, fields[item.source.instruction_field], fields[item.source.target_field], audio_key)
+
+
+class PreferenceDataset(AudioInstructionDataset):
+    """Items -> `PairExample`s: the target field is the chosen answer, `rejected_field` the rejected one."""
+
+    def __init__(self, items: list[RecipeItem], max_seconds: float, *, on_bad_audio: str = "skip") -> None:
+        unpaired = sorted({item.source.path for item in items if not item.source.rejected_field})
+        if unpaired:
+            raise ValueError(f"preference data needs `rejected_field` on every recipe source; missing on {unpaired}")
+        super().__init__(items, max_seconds, on_bad_audio=on_bad_audio)
+
+    def make_example(self, wave, item: RecipeItem, audio_key: str | None) -> PairExample:
+        fields, source = item.record.fields, item.source
+        return PairExample(wave, fields[source.instruction_field], fields[source.target_field],
+                           fields[source.rejected_field], audio_key)

@@ -44,14 +44,15 @@ def forward_process(
     """Mask each sample's answer tokens (never positions outside answer_mask) in the given form."""
     batch = answer_ids.shape[0]
     device = answer_ids.device
+    u = torch.rand(batch, generator=generator, device=device)  # t (ratio form) or the draw of k (count form)
     draws = torch.rand(answer_ids.shape, generator=generator, device=device)
     inside = answer_mask.bool()
     if form == "ratio":
-        p_mask = mask_probability(torch.rand(batch, generator=generator, device=device), eps)
+        p_mask = mask_probability(u, eps)
         masked = (draws < p_mask[:, None]) & inside
     elif form == "count":
         lengths = inside.sum(dim=1).clamp(min=1)
-        k = (torch.rand(batch, generator=generator, device=device) * lengths).long() + 1  # U{1..L}
+        k = (u * lengths).long() + 1  # U{1..L}
         # The k answer positions with the smallest draws: a uniformly random subset of size k.
         rank = draws.masked_fill(~inside, 2.0).argsort(dim=1).argsort(dim=1)
         masked = (rank < k[:, None]) & inside

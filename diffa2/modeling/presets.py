@@ -92,8 +92,14 @@ def tiny_config(
     window_seconds: float = 4.0,
     num_queries: int = 8,
     stage: int = 2,
+    rope_theta: float = 10000.0,
 ) -> DIFFA2Config:
-    """DIFFA-2 at laptop size, trained from scratch (encoder and backbone trainable; no base sources)."""
+    """DIFFA-2 at laptop size, trained from scratch (encoder and backbone trainable; no base sources).
+
+    `rope_theta` is 10,000 rather than LLaDA's 500,000: with 32-dimensional heads, theta 500,000 leaves only a
+    handful of rotary frequencies that change over a ~150-token sequence, so a small model trained from scratch
+    can barely tell answer slots apart; 10,000 spreads the frequencies over the whole range.
+    """
     backbone = llada_config(
         d_model=llm_dim,
         n_heads=llm_heads,
@@ -103,6 +109,7 @@ def tiny_config(
         mask_token_id=special.mask,
         eos_token_id=special.eos,
         pad_token_id=special.pad,
+        rope_theta=rope_theta,
     )
     return DIFFA2Config(
         encoder=tiny_encoder_config(d_model=encoder_dim, layers=encoder_layers, window_seconds=window_seconds),

@@ -38,14 +38,15 @@ class DataArguments:
     recipe: str = field(default="data_recipes/synth_sft.yaml", metadata={"help": "data recipe YAML"})
     synth_dir: str = field(default="data/synth", metadata={"help": "synthetic corpus directory ({synth} in recipes)"})
     synth_seed: int = field(default=0, metadata={"help": "seed of the synthetic corpus (built when missing)"})
-    answer_length: int = field(default=16, metadata={"help": "answer tokens per item incl. <|eot_id|> + EOS padding"})
+    synth_size: str = field(default="default", metadata={"help": "size of the synthetic corpus: default or small"})
+    answer_length: int = field(default=10, metadata={"help": "answer tokens per item incl. <|eot_id|> + EOS padding"})
     on_bad_audio: str = field(default="skip", metadata={"help": "skip (count and report) or error"})
     on_bad_record: str = field(default="skip", metadata={"help": "skip (count and report) or raise"})
     feature_cache_items: int = field(
         default=4096, metadata={"help": "clips whose log-mel features stay cached in memory (0 = off)"}
     )
     masking_form: str = field(
-        default="ratio", metadata={"help": "ratio (LLaDA SFT: p ~ U, weight 1/p) or count (k ~ U{1..L}, weight L/k)"}
+        default="count", metadata={"help": "ratio (LLaDA SFT: p ~ U, weight 1/p) or count (k ~ U{1..L}, weight L/k)"}
     )
     loss_reduction: str = field(default="per_sample", metadata={"help": "per_sample (LLaDA) or batch (DIFFA code)"})
 
@@ -57,9 +58,9 @@ class EvalArguments:
     )
     eval_limit: int | None = field(default=None, metadata={"help": "evaluate on the first N test items only"})
     eval_batch_size: int = 32
-    gen_length: int = 16
-    block_length: int = 16
-    decode_steps: int = 16
+    gen_length: int = 10
+    block_length: int = 10
+    decode_steps: int = 10
 
 
 @dataclass
@@ -67,9 +68,9 @@ class StageTrainingArguments(TrainingArguments):
     """transformers' TrainingArguments with the embedded default's values."""
 
     output_dir: str = field(default="runs/sft", metadata={"help": "where checkpoints, logs and plots go"})
-    max_steps: int = 600
+    max_steps: int = 800
     per_device_train_batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     lr_scheduler_type: str = "cosine"
     warmup_steps: float = 0.05
     weight_decay: float = 0.01

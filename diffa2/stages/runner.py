@@ -83,13 +83,16 @@ class DIFFA2Trainer(Trainer):
 class DiffusionSFTTrainer(DIFFA2Trainer):
     """The masked-diffusion SFT loss of stages 1-3."""
 
-    def __init__(self, *args, mask_id: int, chat: ChatFormat, loss_reduction: str, **kwargs) -> None:
+    def __init__(self, *args, mask_id: int, chat: ChatFormat, loss_reduction: str, masking_form: str,
+                 **kwargs) -> None:
         super().__init__(*args, chat=chat, **kwargs)
         self.mask_id = mask_id
         self.loss_reduction = loss_reduction
+        self.masking_form = masking_form
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = sft_loss(model, SFTBatch(**inputs), self.mask_id, reduction=self.loss_reduction)
+        loss = sft_loss(model, SFTBatch(**inputs), self.mask_id, form=self.masking_form,
+                        reduction=self.loss_reduction)
         return (loss, None) if return_outputs else loss
 
 
@@ -183,7 +186,10 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 class SFTStage:
-    """One SFT stage with a fixed lifecycle: `setup()`, `train()`, `save()`, `evaluate()`, `report()`."""
+    """One SFT stage with a fixed lifecycle: `setup()`, `train()`, `save()`, `evaluate()`, `report()`.
+
+    Stage 4 (`vrpo.VRPOStage`) reuses it through `make_dataset()` and `make_trainer()`.
+    """
 
     def __init__(self, spec: StageSpec, model_args: ModelArguments, data_args: DataArguments,
                  eval_args: EvalArguments, train_args: StageTrainingArguments) -> None:
@@ -203,7 +209,10 @@ class SFTStage:
         self.recipe = DataRecipe.load(recipe_path)
         test_file = self.eval_args.test_file or ""
         uses_synth = "{synth}" in recipe_path.read_text() or "{synth}" in test_file
-        corpus = ensure_synth_corpus(self.data_args.synth_dir, seed=self.data_args.synth_seed) if uses_synth else None
+        corpus = None
+        if uses_synth:
+            args = self.data_args
+            corpus = ensure_synth_corpus(args.synth_dir, seed=args.synth_seed, size=args.synth_size)
         self.synth_dir = corpus.root if corpus else None
 
         set_seed(self.train_args.seed)  # the tiny preset's random initialisation is part of the run's identity

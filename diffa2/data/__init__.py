@@ -1,0 +1,1 @@
+"""Data: manifests, recipes, collators, and the embedded default's synthetic corpus and tokenizer."""
