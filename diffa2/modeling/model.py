@@ -196,7 +196,7 @@ class DIFFA2Model(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Recompute backbone activations in the backward pass (Trainer's `--gradient_checkpointing`)."""
-        self.backbone.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self.backbone.lm.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
 
     # -- trainable-parameter policy ---------------------------------------------------------------
 
