@@ -81,3 +81,19 @@ def test_curriculum_chains_stages_and_writes_reports(tmp_path, small_corpus, cap
         assert summary["steps"] == 2 and summary["skipped_items"] == 0
     assert 0 <= s3["test"]["accuracy"] <= 100 and s3["test"]["total"] == 4
     assert "synthetic test accuracy" in capsys.readouterr().out
+
+
+def test_audio_path_learning_rate_multiplier(tmp_path, small_corpus):
+    args = parse_config(ARG_TYPES, small_run_args(tmp_path, small_corpus, 2, ["--audio_lr_scale", "3",
+                                                                              "--learning_rate", "1e-3"]), "test")
+    stage = SFTStage(sft.SPEC, *args).setup()
+    optimizer = stage.trainer.create_optimizer()
+    names = {id(p): n.split(".")[0] for n, p in stage.model.named_parameters()}
+    rates = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            rates.setdefault(names[id(p)], set()).add(group["lr"])
+    assert rates["backbone"] == {1e-3}
+    for part in ("encoder", "semantic_adapter", "acoustic_adapter", "prompt_embeddings"):
+        assert len(rates[part]) == 1 and rates[part].pop() == pytest.approx(3e-3)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(stage.model.parameters()))

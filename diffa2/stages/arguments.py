@@ -84,3 +84,6 @@ class StageTrainingArguments(TrainingArguments):
     seed: int = 42
     disable_tqdm: bool = False
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
+    audio_lr_scale: float = field(
+        default=1.0, metadata={"help": "learning-rate multiplier of the audio path (encoder, adapters, prompts)"}
+    )

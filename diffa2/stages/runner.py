@@ -62,9 +62,30 @@ class DIFFA2Trainer(Trainer):
 
     loss_is_scaled_for_ga = False  # our losses are per-batch means; let Trainer divide by accumulation steps
 
-    def __init__(self, *args, chat: ChatFormat, **kwargs) -> None:
+    AUDIO_PARTS = ("encoder", "semantic_adapter", "acoustic_adapter", "prompt_embeddings")
+
+    def __init__(self, *args, chat: ChatFormat, audio_lr_scale: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.chat = chat
+        self.audio_lr_scale = audio_lr_scale
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, with the audio path (encoder, adapters, prompts) at `audio_lr_scale` x the rate."""
+        optimizer = super().create_optimizer(model)
+        if self.audio_lr_scale == 1.0:
+            return optimizer
+        names = {id(p): n for n, p in (model or self.model).named_parameters()}
+        groups = []
+        for group in optimizer.param_groups:
+            for audio in (False, True):
+                params = [p for p in group["params"] if (names[id(p)].split(".")[0] in self.AUDIO_PARTS) == audio]
+                if params:
+                    scale = self.audio_lr_scale if audio else 1.0
+                    groups.append({**group, "params": params, "lr": group["lr"] * scale})
+        optimizer.param_groups.clear()  # nothing has stepped yet, so there is no state to keep
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
@@ -254,6 +275,7 @@ class SFTStage:
             chat=self.chat,
             loss_reduction=self.data_args.loss_reduction,
             masking_form=self.data_args.masking_form,
+            audio_lr_scale=self.train_args.audio_lr_scale,
         )
 
     # -- train, save, evaluate, report ------------------------------------------------------------------
