@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,6 +19,7 @@ from tiny_llada import write_tiny_llada  # noqa: E402
 
 from diffa2.chat import ChatFormat  # noqa: E402
 from diffa2.data.tokenizer import build_tokenizer  # noqa: E402
+from diffa2.modeling.checkpoint import save_pretrained  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +37,23 @@ def chat(tokenizer_dir) -> ChatFormat:
 @pytest.fixture
 def tiny_model(chat):
     return make_tiny_model(chat)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's tensors are so small that intra-op threads only add overhead (10x on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(chat, tmp_path_factory):
+    """A saved tiny DIFFA-2 checkpoint with its tokenizer (random weights)."""
+    directory = tmp_path_factory.mktemp("ckpt")
+    save_pretrained(make_tiny_model(chat), directory, tokenizer=chat.tokenizer)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from helpers import make_tiny_model
 
 from diffa2.chat import ChatFormat
@@ -24,20 +23,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 FAST = ["--gen-length", "4", "--block-length", "4", "--steps", "4", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's tensors are so small that intra-op threads only add overhead (10x on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(chat, tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("ckpt")
-    save_pretrained(make_tiny_model(chat), directory, tokenizer=chat.tokenizer)
-    return directory
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tone(seconds: float, freq: float) -> np.ndarray:

@@ -14,14 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
-from helpers import make_tiny_model
 
 from diffa2.eval.loaders import read_predictions
 from diffa2.eval.runner import RunOptions, item_seed, read_partial, run_benchmark
 from diffa2.eval.scoring import score_records
 from diffa2.eval.specs import BUILTIN_SPECS
-from diffa2.modeling.checkpoint import save_pretrained
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FINAL_FILES = ("predictions.json", "samples.jsonl", "report.json", "report.md", "report.png")
@@ -34,20 +31,7 @@ def write_tone(path: Path, seconds: float, freq: float) -> None:
     sf.write(path, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's tensors are so small that intra-op threads only add overhead (10x on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(chat, tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("ckpt")
-    save_pretrained(make_tiny_model(chat), directory, tokenizer=chat.tokenizer)
-    return directory
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
