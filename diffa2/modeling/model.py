@@ -41,9 +41,6 @@ class Prefix:
     attention_mask: torch.Tensor  # (B, P) bool, False at padding
     is_text: torch.Tensor  # (B, P) bool, True at prompt-text positions (classifier-free guidance masks them)
 
-    def select(self, rows: torch.Tensor) -> Prefix:
-        return Prefix(self.embeds[rows], self.attention_mask[rows], self.is_text[rows])
-
     def repeat(self, times: int) -> Prefix:
         """The B rows stacked `times` times: row i·B + b is row b."""
         return Prefix(self.embeds.repeat(times, 1, 1), self.attention_mask.repeat(times, 1),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,7 +52,6 @@ class StageSpec:
     name: str  # also the default run directory: runs/<name>
     previous: str | None  # stage whose final checkpoint initialises this one ('auto')
     asr_eval: bool = False  # stage 1 reports word error rate of transcriptions
-    notes: list[str] = field(default_factory=list)
     requires_previous: bool = False  # 'auto' without the previous stage's checkpoint is an error, not a fresh start
     objective: str = "masked-diffusion loss"  # what the loss curve shows
 
