@@ -4,6 +4,7 @@ Everything the speech front end needs between a file (or in-memory bytes) and th
 
 * ``load_audio`` / ``decode_audio_bytes``: decode with soundfile (libsndfile), mix down to mono, resample to
   16 kHz with librosa's soxr backend and validate (missing, corrupt, empty, NaN/inf) with one error type.
+  With ``max_seconds`` only the start of a long file is decoded (a 2-hour file costs a window of memory).
 * ``trim_to_window``: cut a clip to the encoder window and report whether it was cut.
 * ``LogMelFeaturizer``: Whisper log-mel features from transformers' ``WhisperFeatureExtractor``, always padded
   to the full window, plus the number of real mel frames per clip.
@@ -32,6 +33,9 @@ N_FFT = 400
 HOP_LENGTH = 160
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH
 SUPPORTED_N_MELS = (80, 128)
+# Decoded beyond ``max_seconds`` so that resampling near the cut sees the same neighbours as a full decode,
+# and so that ``trim_to_window`` still reports the cut.
+DECODE_MARGIN_SECONDS = 1.0
 
 
 class AudioError(ValueError):
@@ -50,34 +54,45 @@ class AudioError(ValueError):
         super().__init__(message)
 
 
-def load_audio(path: str | Path, *, sample_rate: int = SAMPLE_RATE, where: str | None = None) -> np.ndarray:
-    """Read an audio file as float32 mono in [-1, 1] at ``sample_rate``, raising AudioError on bad files."""
+def load_audio(
+    path: str | Path, *, sample_rate: int = SAMPLE_RATE, where: str | None = None, max_seconds: float | None = None
+) -> np.ndarray:
+    """Read an audio file as float32 mono in [-1, 1] at ``sample_rate``, raising AudioError on bad files.
+
+    With ``max_seconds``, at most that much (plus a margin) is decoded: cut the result with ``trim_to_window``.
+    """
     path = Path(path)
     if not path.exists():
         raise AudioError(str(path), "file not found", expected="an existing audio file", where=where)
     if not path.is_file():
         raise AudioError(str(path), "is not a regular file", expected="an audio file", where=where)
-    return _decode(path, str(path), sample_rate=sample_rate, where=where)
+    return _decode(path, str(path), sample_rate=sample_rate, where=where, max_seconds=max_seconds)
 
 
 def decode_audio_bytes(
-    data: bytes, *, sample_rate: int = SAMPLE_RATE, name: str = "<audio bytes>", where: str | None = None
+    data: bytes, *, sample_rate: int = SAMPLE_RATE, name: str = "<audio bytes>", where: str | None = None,
+    max_seconds: float | None = None,
 ) -> np.ndarray:
     """Decode in-memory audio (e.g. HF datasets ``Audio(decode=False)`` bytes) exactly like ``load_audio``."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise AudioError(name, f"got {type(data).__name__}", expected="bytes of an audio file", where=where)
-    return _decode(io.BytesIO(bytes(data)), name, sample_rate=sample_rate, where=where)
+    return _decode(io.BytesIO(bytes(data)), name, sample_rate=sample_rate, where=where, max_seconds=max_seconds)
 
 
-def _decode(source: Path | io.BytesIO, label: str, *, sample_rate: int, where: str | None) -> np.ndarray:
+def _decode(
+    source: Path | io.BytesIO, label: str, *, sample_rate: int, where: str | None, max_seconds: float | None
+) -> np.ndarray:
     """Shared decode + validate + mono + resample path of ``load_audio`` and ``decode_audio_bytes``."""
     if isinstance(source, io.BytesIO) and source.getbuffer().nbytes == 0:
         raise AudioError(label, "is empty (0 bytes)", expected="an encoded audio file", where=where)
     if isinstance(source, Path) and source.stat().st_size == 0:
         raise AudioError(label, "is empty (0 bytes)", expected="an encoded audio file", where=where)
     try:
-        # always_2d gives (frames, channels); dtype float32 maps any PCM subtype (U8/16/24/32) into [-1, 1).
-        data, native_rate = sf.read(source, dtype="float32", always_2d=True)
+        with sf.SoundFile(source) as handle:
+            native_rate = handle.samplerate
+            frames = -1 if max_seconds is None else math.ceil((max_seconds + DECODE_MARGIN_SECONDS) * native_rate)
+            # always_2d gives (frames, channels); dtype float32 maps any PCM subtype (U8/16/24/32) into [-1, 1).
+            data = handle.read(frames, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         raise AudioError(
             label,

@@ -28,16 +28,13 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str] | None, desc
     if known.config is not None:
         defaults.update(read_yaml_config(known.config, dataclass_types))
     dests = {action.dest: action for action in parser._actions}
+    field_types = {f.name: str(f.type) for cls in dataclass_types for f in dataclasses.fields(cls)}
+    source = str(known.config or "stage defaults")
     for key, value in defaults.items():
         action = dests.get(key)
         if action is None:
-            raise ValueError(f"{known.config or 'stage defaults'}: unknown key {key!r}")
-        if value is not None and action.type is not None and not isinstance(value, list | dict):
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{known.config}: key {key!r}: {value!r} is invalid ({err})") from None
-        defaults[key] = value
+            raise ValueError(f"{source}: unknown key {key!r}")
+        defaults[key] = _coerce(action, value, f"{source}: key {key!r}", field_types.get(key, ""))
     parser.set_defaults(**defaults)
     *parsed, leftover = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
     if leftover:
@@ -45,11 +42,42 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str] | None, desc
     return tuple(obj for obj in parsed if dataclasses.is_dataclass(obj))  # drop the Namespace holding --config
 
 
+def _coerce(action: argparse.Action, value: Any, where: str, field_type: str) -> Any:
+    """A YAML value converted like the flag would be; a lossy or impossible conversion is an error naming the key."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if "dict" in field_type:
+            return value
+        raise ValueError(f"{where}: expected a single {field_type or 'value'}, got a mapping {value!r:.80}")
+    if isinstance(value, list):
+        if action.nargs not in ("+", "*"):
+            raise ValueError(f"{where}: expected a single {field_type or 'value'}, got a list {value!r:.80}")
+        return [_coerce_scalar(action, v, where) for v in value]
+    return _coerce_scalar(action, value, where)
+
+
+def _coerce_scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    if action.type is None:
+        return value
+    lossy = (action.type in (int, float) and isinstance(value, bool)) or (
+        action.type is int and isinstance(value, float) and not value.is_integer())
+    if lossy:
+        raise ValueError(f"{where}: {value!r} is not a valid {action.type.__name__}")
+    try:
+        return action.type(value)
+    except (TypeError, ValueError, AttributeError, argparse.ArgumentTypeError) as err:
+        raise ValueError(f"{where}: {value!r} is invalid ({err})") from None
+
+
 def read_yaml_config(path: Path, dataclass_types: tuple[type, ...]) -> dict[str, Any]:
     """A flat YAML mapping whose keys must all be fields of the given dataclasses."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such config file")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value")
     known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls)}

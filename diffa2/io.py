@@ -33,24 +33,42 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+PARTIAL_MARK = ".partial-"  # staging directories are named `.<name>.partial-<tag>`, beside their target
+
+
+def staging_path(path: Path, tag: str) -> Path:
+    """The hidden staging name of `path` (`.<name>.partial-<tag>`), recognisable as incomplete by `is_partial`."""
+    return path.parent / f".{path.name}{PARTIAL_MARK}{tag}"
+
+
+def is_partial(path: Path) -> bool:
+    """True for a staging directory left behind by a write that never finished (see `staging_path`)."""
+    return path.name.startswith(".") and PARTIAL_MARK in path.name
+
+
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a staging directory; on success it replaces `path` in one rename, on failure it is removed.
-
-    An existing `path` is moved aside first and deleted only after the new one is in place, so at every
-    instant either the old or the new complete directory exists under a recognisable name.
-    """
+    """Yield a staging directory; on success it replaces `path` in one rename, on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=staging_path(path, "").name))
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    publish_directory(staging, path)
+
+
+def publish_directory(staging: Path, path: Path) -> None:
+    """Rename the complete directory `staging` to `path`, replacing an existing `path`.
+
+    An existing `path` is moved aside first and deleted only after the new one is in place, so at every
+    instant either the old or the new complete directory exists under a recognisable name.
+    """
     old = None
     if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        old = staging_path(path, f"old-{os.getpid()}")
         os.replace(path, old)
     os.replace(staging, path)
     if old is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,15 @@ class DataStats:
         return f"{len(self.skipped)} skipped (bad audio), {len(self.trimmed)} trimmed to the window"
 
 
+def audio_path(root: Path, value: str, where: str) -> Path:
+    """`value` under `root`; a relative path that climbs out of the root is refused (absolute paths are kept)."""
+    path = root / value
+    relative = os.path.relpath(os.path.normpath(path), os.path.normpath(root))
+    if not Path(value).is_absolute() and (relative == os.pardir or relative.startswith(os.pardir + os.sep)):
+        raise AudioError(str(path), f"is outside the audio root {root}", expected="a path inside it", where=where)
+    return path
+
+
 class AudioInstructionDataset(torch.utils.data.Dataset):
     """Items -> `SFTExample`s; an unreadable item is reported once, counted, and replaced by the next good one."""
 
@@ -40,15 +50,18 @@ class AudioInstructionDataset(torch.utils.data.Dataset):
     def load_wave(self, item: RecipeItem):
         src, rec = item.source, item.record
         value = rec.fields[src.audio_field]
+        window = self.max_seconds  # only the window is decoded, so a 2-hour file costs 30 s of memory
         if isinstance(value, dict):  # an undecoded HF Audio cell: {"bytes": ..., "path": ...}
             if value.get("bytes"):
-                wave = decode_audio_bytes(value["bytes"], name=str(value.get("path")), where=rec.where)
+                wave = decode_audio_bytes(value["bytes"], name=str(value.get("path")), where=rec.where,
+                                          max_seconds=window)
             else:
-                wave = load_audio(value["path"], where=rec.where)
+                wave = load_audio(value["path"], where=rec.where, max_seconds=window)
         else:
             root = Path(src.audio_root) if src.audio_root else Path(src.path).parent
-            wave = load_audio(root / value, where=rec.where)
-        wave, trimmed = trim_to_window(wave, self.max_seconds)
+            wave = load_audio(audio_path(root, value, f"{rec.where} field {src.audio_field!r}"), where=rec.where,
+                              max_seconds=window)
+        wave, trimmed = trim_to_window(wave, window)
         if trimmed:
             self.stats.trimmed.add(rec.where)
         return wave

@@ -37,9 +37,13 @@ def detect_format(path: Path) -> ManifestFormat:
 
 
 def read_manifest(
-    path: str | Path, fmt: ManifestFormat = "auto", *, required: tuple[str, ...] = (), on_error: str = "raise"
+    path: str | Path, fmt: ManifestFormat = "auto", *, required: tuple[str, ...] = (), audio_field: str | None = None,
+    on_error: str = "raise",
 ) -> tuple[list[ManifestRecord], list[str]]:
-    """All records of a manifest and the problems met; a bad record raises, or is skipped when on_error='skip'."""
+    """All records of a manifest and the problems met; a bad record raises, or is skipped when on_error='skip'.
+
+    Every `required` field must be a string, except `audio_field`: a path string or an HF audio cell.
+    """
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"{path}: manifest not found")
@@ -49,7 +53,7 @@ def read_manifest(
         raise ManifestError(f"{path}: unknown manifest format {fmt!r}; expected json, jsonl or hf")
     records, problems = [], []
     for where, item in readers[fmt](path):
-        problem = _problem(item, required)
+        problem = _problem(item, required, audio_field)
         if problem is None:
             records.append(ManifestRecord(item, where))
             continue
@@ -59,7 +63,7 @@ def read_manifest(
     return records, problems
 
 
-def _problem(item: Any, required: tuple[str, ...]) -> str | None:
+def _problem(item: Any, required: tuple[str, ...], audio_field: str | None) -> str | None:
     if isinstance(item, Exception):
         return str(item)
     if not isinstance(item, dict):
@@ -67,17 +71,42 @@ def _problem(item: Any, required: tuple[str, ...]) -> str | None:
     missing = [k for k in required if k not in item or item[k] is None]
     if missing:
         return f"missing field(s) {missing}"
-    wrong = [k for k in required if k != "audio" and not isinstance(item[k], str)]
+    wrong = [k for k in required if k != audio_field and not isinstance(item[k], str)]
     if wrong:
         return f"field(s) {wrong} must be strings, got {[type(item[k]).__name__ for k in wrong]}"
+    if audio_field in required and not _is_audio(item[audio_field]):
+        return (f"field {audio_field!r} must be a path string or an HF audio cell {{bytes, path}}, "
+                f"got {item[audio_field]!r:.80}")
     return None
+
+
+def _is_audio(value: Any) -> bool:
+    """A non-empty path, or an undecoded HF Audio cell with bytes or a path."""
+    if isinstance(value, dict):
+        return isinstance(value.get("bytes"), bytes) and bool(value["bytes"]) or (
+            isinstance(value.get("path"), str) and bool(value["path"]))
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _parse(text: str) -> Any:
+    """json.loads whose every failure is a ValueError: JSONDecodeError, or too-long integers / too-deep nesting."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except (RecursionError, ValueError) as err:
+        raise ValueError(f"invalid JSON ({err or 'nested too deeply'})") from None
 
 
 def _read_json_list(path: Path):
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = _parse(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise ManifestError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    except ValueError as err:
+        raise ManifestError(f"{path}: {err}") from None
     if not isinstance(data, list):
         raise ManifestError(f"{path}: expected a JSON list of records (DIFFA/DeSTA2 format), got {type(data).__name__}")
     for i, item in enumerate(data):
@@ -85,14 +114,18 @@ def _read_json_list(path: Path):
 
 
 def _read_jsonl(path: Path):
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             try:
-                yield f"{path}:{number}", json.loads(line)
+                line = raw.decode("utf-8")
+                if line.strip():
+                    yield f"{path}:{number}", _parse(line)
+            except UnicodeDecodeError as err:
+                yield f"{path}:{number}", ManifestError(f"not UTF-8 text ({err.reason} at byte {err.start})")
             except json.JSONDecodeError as err:
                 yield f"{path}:{number}", ManifestError(f"invalid JSON ({err.msg} at column {err.colno})")
+            except ValueError as err:
+                yield f"{path}:{number}", ManifestError(str(err))
 
 
 def _read_hf(path: Path):

@@ -105,7 +105,8 @@ def load_split(
         required = (src.instruction_field, src.target_field, src.audio_field) + (
             (src.rejected_field,) if src.rejected_field else ()
         )
-        records, bad = read_manifest(src.path, src.format, required=required, on_error=on_error)
+        records, bad = read_manifest(src.path, src.format, required=required, audio_field=src.audio_field,
+                                     on_error=on_error)
         problems += bad
         whole, fraction = divmod(src.weight, 1.0)
         chosen = records * int(whole) + rng.sample(records, round(fraction * len(records)))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffa2.eval.specs import BenchmarkSpec
+from diffa2.eval.specs import BUILTIN_SPECS, BenchmarkSpec
 from diffa2.io import atomic_write_json, atomic_write_text
 
 MAX_PROBLEMS_SHOWN = 30
@@ -97,6 +97,8 @@ def _read_json_list(path: Path) -> list[Record]:
         raise DataError([f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})"]) from exc
     except RecursionError as exc:
         raise DataError([f"{path}: JSON nested too deeply"]) from exc
+    except ValueError as exc:  # e.g. an integer longer than Python's conversion limit
+        raise DataError([f"{path}: not valid JSON ({exc})"]) from exc
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -121,6 +123,8 @@ def _read_jsonl(path: Path) -> list[Record]:
                 problems.append(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
             except RecursionError:
                 problems.append(f"{path}:{lineno}: JSON nested too deeply")
+            except ValueError as exc:  # e.g. an integer longer than Python's conversion limit
+                problems.append(f"{path}:{lineno}: not valid JSON ({exc})")
     if problems:
         raise DataError(problems)
     return records
@@ -208,7 +212,7 @@ def choices_of(record: dict[str, Any], fmt: str) -> list[Any]:
         # Some mirrors (lmms-lab/mmau) store the list as a JSON string (benchmarks.md §1.1).
         try:
             choices = json.loads(choices)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return choices  # left for validation to report
     return choices
 
@@ -302,10 +306,28 @@ def _audio_problems(record: dict, where: str, fmt: str) -> list[str]:
     return []
 
 
+# Fields only one format has (benchmarks.md §1.1, §2.1, §3.1): MMAU's audio_id, MMAR's audio_path + modality,
+# MMSU's choice_a + answer_gt.
+FORMAT_MARKS = {"mmau_json": "audio_id", "mmar_jsonl": "audio_path, modality", "mmsu": "choice_a, answer_gt"}
+
+
+def guess_format(record: Any) -> str | None:
+    """The format whose distinctive fields a record has, or None when it has none or several."""
+    if not isinstance(record, dict):
+        return None
+    found = [fmt for fmt, marks in FORMAT_MARKS.items() if all(m in record for m in marks.split(", "))]
+    return found[0] if len(found) == 1 else None
+
+
 def validate(records: Sequence[Record], spec: BenchmarkSpec, *, for_run: bool, source: str = "") -> None:
     """Raise DataError listing every bad record; for a run, ids must also be unique (they key resumed work)."""
     problems: list[str] = []
     seen: dict[str, str] = {}
+    looks_like = {guess_format(rec.data) for rec in records}
+    if len(looks_like) == 1 and (other := looks_like.pop()) not in (None, spec.format):
+        names = sorted(name for name, s in BUILTIN_SPECS.items() if s.format == other)
+        problems.append(f"every record has the fields of {other} data ({FORMAT_MARKS[other]}), not of {spec.format} "
+                        f"({spec.name}): wrong benchmark? use --benchmark {' or '.join(names)}")
     for rec in records:
         problems += record_problems(rec.data, rec.where, spec, for_run=for_run)
         if for_run and isinstance(rec.data, dict) and "id" in rec.data:

@@ -9,10 +9,12 @@ extra), so an adapter that silently failed to load is impossible.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
@@ -21,10 +23,16 @@ from diffa2.modeling.backbone import LLaDABackbone
 from diffa2.modeling.configuration import DIFFA2Config
 from diffa2.modeling.encoder import WhisperSpeechEncoder
 from diffa2.modeling.model import DIFFA2Model
+from diffa2.modeling.safe_load import CheckpointError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class NonFiniteWeightsError(ValueError):
+    """Refusal to save tensors holding NaN/inf: such a checkpoint would poison every run that loads it."""
 
 
 def stored_keys(model: DIFFA2Model) -> list[str]:
@@ -44,12 +52,18 @@ def stored_keys(model: DIFFA2Model) -> list[str]:
 
 
 def save_pretrained(
-    model: DIFFA2Model, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None
+    model: DIFFA2Model,
+    directory: str | Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically; with `tokenizer`, a copy is stored so the checkpoint is self-contained."""
+    """Write a checkpoint atomically; with `tokenizer`, a copy is stored so the checkpoint is self-contained.
+
+    `state_dict` replaces `model.state_dict()` where a distributed engine holds the weights (ZeRO-3 gathers them).
+    """
     directory = Path(directory)
     with atomic_directory(directory) as staging:
-        write_checkpoint_files(model, staging, tokenizer)
+        write_checkpoint_files(model, staging, tokenizer, state_dict)
     return directory
 
 
@@ -65,6 +79,12 @@ def write_checkpoint_files(
     """
     state = model.state_dict() if state_dict is None else state_dict
     tensors = {k: state[k].detach().contiguous().cpu() for k in stored_keys(model)}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"{directory}: refusing to save a checkpoint whose tensor(s) {bad[:10]}{'...' if len(bad) > 10 else ''} "
+            f"hold NaN/inf values; the previous checkpoint is kept"
+        )
     config = replace(model.config)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
@@ -86,17 +106,42 @@ def load_pretrained(
 ) -> DIFFA2Model:
     """Rebuild a model from a checkpoint directory, loading its bases from their recorded sources."""
     directory = Path(directory)
-    config = DIFFA2Config.load(directory / CONFIG_NAME)
+    config = read_checkpoint_config(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(f"{directory}: missing {WEIGHTS_NAME}")
+        raise CheckpointError(f"{directory}: missing {WEIGHTS_NAME}{_pickle_note(directory)}")
     model = build_with_bases(config, directory)
-    tensors = load_file(weights)
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from err
     load_stored_tensors(model, tensors, source=str(weights))
     model.to(device)
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+def read_checkpoint_config(directory: Path) -> DIFFA2Config:
+    """The `config.json` of a checkpoint directory, with errors that say what a checkpoint directory holds."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory}: not a complete DIFFA-2 checkpoint: missing {CONFIG_NAME} (save_pretrained writes "
+            f"{CONFIG_NAME} + {WEIGHTS_NAME} [+ {TOKENIZER_DIR}/]; {CONFIG_NAME} last){_pickle_note(directory)}"
+        )
+    try:
+        return DIFFA2Config.from_dict(json.loads(path.read_text()), source=str(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+
+
+def _pickle_note(directory: Path) -> str:
+    """A hint when the directory holds pickled weights, which DIFFA-2 checkpoints never use."""
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    return f"; found pickled weights {pickles}, which are not read (safetensors only)" if pickles else ""
 
 
 def build_with_bases(config: DIFFA2Config, relative_to: Path = Path(".")) -> DIFFA2Model:
@@ -124,7 +169,7 @@ def load_stored_tensors(model: DIFFA2Model, tensors: dict[str, torch.Tensor], so
     shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items()
               if k in own and v.shape != own[k].shape]
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: does not match its config.json: missing {missing[:10]}{'...' if len(missing) > 10 else ''}"
             f", unexpected {unexpected[:10]}, shape mismatches (file vs model) {shapes[:10]}"
         )

@@ -17,7 +17,6 @@ Checkpoints accepted by ``WhisperSpeechEncoder.from_pretrained`` (formats in
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from diffa2.modeling.safe_load import CheckpointError, load_weights_only
 from diffa2.modeling.whisper_convert import hf_config_from_openai_dims, openai_to_hf_state_dict
 
 # Key prefixes of the encoder inside the layouts we accept, most specific first.
@@ -34,10 +34,6 @@ _HF_ENCODER_PREFIXES = ("model.encoder.", "encoder.", "")
 _SAFETENSORS = "model.safetensors"
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _TORCH_BIN = "pytorch_model.bin"
-
-
-class CheckpointError(ValueError):
-    """A Whisper checkpoint that cannot be loaded; the message names the file and the reason."""
 
 
 @dataclass
@@ -203,7 +199,7 @@ def _read_hf_directory(directory: Path) -> tuple[WhisperConfig, dict[str, torch.
         state_dict = _read_safetensors_encoder(shards)
     elif (directory / _TORCH_BIN).is_file():
         source = directory / _TORCH_BIN
-        full = _torch_load(source)
+        full = load_weights_only(source)
         if not _is_tensor_dict(full):
             raise CheckpointError(f"{source}: expected a dict of parameter name -> tensor")
         state_dict = _select_encoder(full, source)
@@ -251,17 +247,6 @@ def _read_safetensors_encoder(files: list[Path]) -> dict[str, torch.Tensor]:
     }
 
 
-def _torch_load(path: Path) -> object:
-    """``torch.load`` with ``weights_only=True`` (no code execution); failures become CheckpointError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as exc:
-        raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint loadable with weights_only=True ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from exc
-
-
 def _is_tensor_dict(obj: object) -> bool:
     """True for a non-empty dict mapping str to tensors."""
     return (
@@ -273,7 +258,7 @@ def _is_tensor_dict(obj: object) -> bool:
 
 def _read_openai_checkpoint(path: Path) -> tuple[WhisperConfig, dict[str, torch.Tensor], Path]:
     """Config and HF-named encoder state dict of an OpenAI ``{"dims", "model_state_dict"}`` file."""
-    ckpt = _torch_load(path)
+    ckpt = load_weights_only(path)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("dims"), dict) and "model_state_dict" in ckpt):
         found = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(

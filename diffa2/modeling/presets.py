@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers import WhisperConfig
 
 from diffa2.chat import SpecialIds
 from diffa2.modeling.backbone import llada_config, read_llada_config
 from diffa2.modeling.configuration import WHISPER_LARGE_V3_TAPS, DIFFA2Config
+from diffa2.modeling.safe_load import load_weights_only
 from diffa2.modeling.whisper_convert import hf_config_from_openai_dims
 
 
@@ -22,7 +22,7 @@ def encoder_config_of(source: str | Path) -> dict:
     if source.is_dir():
         return WhisperConfig.from_pretrained(str(source)).to_dict()
     # mmap: read `dims` without loading a multi-GB file into memory; weights_only: never unpickle code.
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = load_weights_only(source, mmap=True)
     if not isinstance(checkpoint, dict) or "dims" not in checkpoint:
         raise ValueError(f"{source}: not an OpenAI Whisper checkpoint (no 'dims' entry)")
     return hf_config_from_openai_dims(checkpoint["dims"]).to_dict()
