@@ -10,6 +10,10 @@ audio window and device type, but not the batch size (decoding is batch-safe). R
 finished items; a killed run loses at most the batch in flight. Final files are written atomically once every
 item is done, and contain nothing time-dependent, so they are byte-identical to an uninterrupted run's.
 
+Sharding. Under ``torchrun --nproc_per_node=N -m diffa2.eval run ...`` item i goes to rank i % N; each rank logs to
+its own file and rank 0 merges all logs in item order (``diffa2.eval.sharding``), so the final files are
+byte-identical to a single-process run's, and any rerun resumes whatever the number of processes.
+
 Seeds. Each item gets its own decoding seed derived from ``--seed`` and its id, so results do not depend on
 batch composition or order.
 
@@ -45,6 +49,7 @@ from diffa2.eval.loaders import (
 from diffa2.eval.prompts import get_prompt
 from diffa2.eval.report import build_report, format_table, write_report
 from diffa2.eval.scoring import normalize_prediction, score_records
+from diffa2.eval.sharding import Shard, log_paths
 from diffa2.eval.specs import BenchmarkSpec, load_spec
 from diffa2.io import atomic_write_json, atomic_write_text
 
@@ -142,6 +147,18 @@ def read_partial(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
+def read_logs(directory: Path, stem: str) -> dict[str, dict[str, Any]]:
+    """Finished items of every log of one run identity (one process's, or each rank's of a sharded run)."""
+    done: dict[str, dict[str, Any]] = {}
+    for path in log_paths(directory, stem):
+        done.update(read_partial(path))
+    return done
+
+
+def shard_note(shard: Shard, owned: int) -> str:
+    return "" if shard.world_size == 1 else f" ({owned} on rank {shard.rank} of {shard.world_size})"
+
+
 def append_partial(path: Path, entries: Sequence[dict[str, Any]]) -> None:
     """Append entries durably; first terminate a line a crash may have left unfinished."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,6 +228,7 @@ def run_benchmark(
     if options.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {options.batch_size}")
     out = Path(options.out or f"runs/eval/{spec.name}")
+    shard = Shard.from_env()
 
     # Data: read, validate every record, limit.
     source, audio_root = resolve_data(spec, options.data, options.audio_root)
@@ -222,12 +240,9 @@ def run_benchmark(
 
     # Model and everything that changes an answer.
     if qa is None:
-        import torch
-
         from diffa2.inference import AudioQA
 
-        device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        qa = AudioQA.from_checkpoint(options.model, device=device)
+        qa = AudioQA.from_checkpoint(options.model, device=options.device or shard.default_device())
     device_type = str(getattr(qa, "device", options.device or "cpu")).split(":")[0]
     window = float(qa.model.config.window_seconds)
     template = get_prompt(spec.prompt)
@@ -246,17 +261,20 @@ def run_benchmark(
         "device_type": device_type,
     }
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    partial = out / "partial" / f"{spec.name}-{fingerprint}.jsonl"
+    stem = f"{spec.name}-{fingerprint}"
+    partial = shard.log_path(out / "partial", stem)
     keys = [item_key(item, p) for item, p in zip(items, prompts, strict=True)]
-    done = read_partial(partial)
-    todo = [i for i, k in enumerate(keys) if k not in done]
-    log(f"[diffa2.eval] {spec.name}: {len(items)} items, {len(items) - len(todo)} already done "
+    done = read_logs(out / "partial", stem)
+    mine = [i for i in range(len(items)) if shard.owns(i)]
+    todo = [i for i in mine if keys[i] not in done]
+    log(f"[diffa2.eval] {spec.name}: {len(items)} items{shard_note(shard, len(mine))}, "
+        f"{len(mine) - len(todo)} already done "
         f"({partial}), batch size {options.batch_size}, prompt {spec.prompt!r}, decoding "
         f"{decode.gen_length}/{decode.block_length}/{decode.steps}")  # fmt: skip
 
     # Decode what is left, appending every batch as soon as it is finished.
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=spec.name, unit="item",
-               disable=not options.progress, file=sys.stderr)  # fmt: skip
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=spec.name, unit="item",
+               disable=not options.progress, file=sys.stderr, position=shard.rank)  # fmt: skip
     decoded = 0
     try:
         for batch_no, lo in enumerate(range(0, len(todo), options.batch_size)):
@@ -281,18 +299,27 @@ def run_benchmark(
             if rows:
                 answers = qa.answer(waves, [prompts[i] for i in rows], decode,
                                     seed=[entries[i]["seed"] for i in rows])  # fmt: skip
-                for i, text in zip(rows, answers.texts, strict=True):
-                    entries[i] |= {"output": text, "nfe": answers.nfe}
+                for i, text, nfe in zip(rows, answers.texts, answers.row_nfe, strict=True):
+                    entries[i] |= {"output": text, "nfe": nfe}  # the item's own NFE: independent of its batch
                 decoded += len(rows)
             append_partial(partial, [entries[i] for i in batch])
             done.update({keys[i]: entries[i] for i in batch})
             bar.update(len(batch))
             if on_batch is not None:
-                on_batch(batch_no, len(items) - len(todo) + lo + len(batch))
+                on_batch(batch_no, len(mine) - len(todo) + lo + len(batch))
     finally:
         bar.close()
+    shard.wait_for_all()
+    if not shard.is_main:  # rank 0 merges and writes the final files
+        return RunResult({}, {}, decoded, time.perf_counter() - start)
 
-    # Final files, in item order, from the log alone (so a resumed run writes what an uninterrupted one does).
+    # Final files, in item order, from the logs alone (so a resumed or sharded run writes what an uninterrupted
+    # single-process one does).
+    done = read_logs(out / "partial", stem)
+    lost = [items[i].id for i, k in enumerate(keys) if k not in done]
+    if lost:
+        raise RuntimeError(f"{len(lost)} item(s) missing from the logs in {out / 'partial'} (first: {lost[:5]}); "
+                           "rerun the same command to decode them")
     entries = [done[k] for k in keys]
     run_info = {
         "model": {"path": str(Path(options.model).resolve()), "fingerprint": model_fp},

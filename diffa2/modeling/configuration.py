@@ -82,6 +82,11 @@ class DIFFA2Config:
         return self.encoder["max_source_positions"] * 2 / 100
 
     @property
+    def hidden_size(self) -> int:
+        """The widest hidden state (the backbone's): DeepSpeed derives its "auto" ZeRO bucket sizes from it."""
+        return max(int(self.backbone["d_model"]), int(self.encoder["d_model"]))
+
+    @property
     def n_mels(self) -> int:
         return int(self.encoder["num_mel_bins"])
 

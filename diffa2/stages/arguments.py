@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from diffa2.stages.distributed import cpu_multiprocess, gloo_deepspeed_state
+
 
 @dataclass
 class ModelArguments:
@@ -84,6 +86,23 @@ class StageTrainingArguments(TrainingArguments):
     seed: int = 42
     disable_tqdm: bool = False
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
+    max_bad_steps: int = field(
+        default=10, metadata={"help": "stop after this many optimizer steps in a row with a NaN/inf loss or gradient "
+                                      "(each such step is skipped: no update)"}
+    )
     audio_lr_scale: float = field(
         default=1.0, metadata={"help": "learning-rate multiplier of the audio path (encoder, adapters, prompts)"}
     )
+
+    def __post_init__(self) -> None:
+        # Several CPU processes without DeepSpeed: accelerate sets up DDP over gloo only when told the device is the
+        # CPU (`PartialState(cpu=True)`); otherwise every process would train alone on the same data.
+        # With DeepSpeed, accelerate finds no backend on a CPU-only machine and counts one process: hand it a
+        # process group on gloo instead (its documented `use_configured_state` route).
+        if cpu_multiprocess():
+            if self.deepspeed:
+                gloo_deepspeed_state(self.ddp_timeout)
+                self.accelerator_config = {**(self.accelerator_config or {}), "use_configured_state": True}
+            else:
+                self.use_cpu = True
+        super().__post_init__()

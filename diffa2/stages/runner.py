@@ -8,6 +8,7 @@ clipping, bf16 where available, DeepSpeed, checkpoints, resume) -> save (trained
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from transformers import Trainer, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from diffa2.chat import ChatFormat
 from diffa2.data.collate import SFTBatch, SFTCollator
@@ -33,13 +33,17 @@ from diffa2.modeling.checkpoint import (
     load_stored_tensors,
     resolve_source,
     save_pretrained,
+    stored_keys,
     write_checkpoint_files,
 )
 from diffa2.modeling.configuration import LoraSettings
 from diffa2.modeling.model import DIFFA2Model
 from diffa2.modeling.presets import real_config, tiny_config
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
+from diffa2.stages.checkpoints import last_complete_checkpoint, publish_checkpoint, staging_run_dir
+from diffa2.stages.distributed import full_state_dict
 from diffa2.stages.evaluate import evaluate_multiple_choice, evaluate_transcription
+from diffa2.stages.guards import NonFiniteGuard, check_output_dir, estimate_run_bytes, skipped_steps
 from diffa2.stages.plots import plot_loss_curve
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -62,11 +66,14 @@ class DIFFA2Trainer(Trainer):
     loss_is_scaled_for_ga = False  # our losses are per-batch means; let Trainer divide by accumulation steps
 
     AUDIO_PARTS = ("encoder", "semantic_adapter", "acoustic_adapter", "prompt_embeddings")
+    _staging_dir: Path | None = None  # set while a checkpoint is being written (see _save_checkpoint)
 
     def __init__(self, *args, chat: ChatFormat, audio_lr_scale: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.chat = chat
         self.audio_lr_scale = audio_lr_scale
+        self.nonfinite = NonFiniteGuard(self.args.max_bad_steps)
+        self.add_callback(self.nonfinite)
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer, with the audio path (encoder, adapters, prompts) at `audio_lr_scale` x the rate."""
@@ -93,6 +100,31 @@ class DIFFA2Trainer(Trainer):
         directory.mkdir(parents=True, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
         write_checkpoint_files(model, directory, self.chat.tokenizer, state_dict)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite.note_loss(loss)  # the guard drops this step's update if any loss or gradient is not finite
+        return loss
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging_dir) if self._staging_dir is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written into a staging folder and renamed into place once complete."""
+        run_dir = Path(super()._get_output_dir(trial))
+        step = self.state.global_step
+        self._staging_dir = staging_run_dir(run_dir, step)
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(self._staging_dir, ignore_errors=True)
+            raise
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()  # every process has written its part (RNG states, DeepSpeed shards)
+        if self.args.should_save:
+            publish_checkpoint(run_dir, step, self.args.save_total_limit)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model or self.model)
@@ -225,6 +257,7 @@ class SFTStage:
     # -- setup: corpus -> model -> data -> trainer, in dependency order --------------------------------
 
     def setup(self) -> SFTStage:
+        check_output_dir(self.output_dir)  # fail in seconds, not after building the corpus and the model
         recipe_path = resolve_path(self.data_args.recipe)
         self.recipe = DataRecipe.load(recipe_path)
         test_file = self.eval_args.test_file or ""
@@ -241,6 +274,7 @@ class SFTStage:
         )
         trainable, total = count_parameters(self.model)
         self.log(f"model: {origin}; {trainable:,} of {total:,} parameters trainable")
+        check_output_dir(self.output_dir, estimate_run_bytes(self.model, stored_keys(self.model), self.train_args))
         self.summary.update(model=origin, trainable_parameters=trainable)
 
         window = self.model.config.window_seconds
@@ -282,24 +316,40 @@ class SFTStage:
     def train(self) -> None:
         resume = None
         if self.train_args.resume:
-            resume = get_last_checkpoint(str(self.output_dir)) if self.output_dir.is_dir() else None
+            resume = last_complete_checkpoint(self.output_dir, self.log)
             self.log(f"resuming from {resume}" if resume else f"no checkpoint in {self.output_dir}; starting fresh")
-        result = self.trainer.train(resume_from_checkpoint=resume)
+        result = self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         history = [entry for entry in self.trainer.state.log_history if "loss" in entry]
         self.summary.update(
             steps=self.trainer.state.global_step,
             train_seconds=round(result.metrics.get("train_runtime", 0.0), 1),
             final_loss=history[-1]["loss"] if history else None,
             skipped_items=len(self.dataset.stats.skipped) + len(self.record_problems),
+            skipped_steps=skipped_steps(self.trainer.state.log_history),
             trimmed_items=len(self.dataset.stats.trimmed),
         )
 
     def save(self) -> Path:
-        final_dir = save_pretrained(self.model, self.output_dir / "final", tokenizer=self.chat.tokenizer)
+        """The final checkpoint, written by the main process (under ZeRO-3 from weights every rank helps gather)."""
+        final_dir = self.output_dir / "final"
+        state = full_state_dict(self.trainer)  # ZeRO-3: gathered on the main process (collective); else None
+        if self.trainer.is_world_process_zero():
+            save_pretrained(self.model, final_dir, tokenizer=self.chat.tokenizer, state_dict=state)
+            if state is not None:  # a partitioned module runs only with every rank: evaluate what was saved
+                dtype = torch.bfloat16 if self.train_args.bf16 else None
+                self.use_model(load_pretrained(final_dir, dtype=dtype, device=self.train_args.device))
+        self.trainer.accelerator.wait_for_everyone()
         self.summary["checkpoint"] = str(final_dir)
         return final_dir
 
+    def use_model(self, model: DIFFA2Model) -> None:
+        """Evaluate `model` from now on."""
+        self.model = model
+        self.qa = AudioQA(model, self.chat)
+
     def evaluate(self) -> None:
+        if not self.trainer.is_world_process_zero():  # one process evaluates and reports
+            return
         self.model.eval()
         args = self.eval_args
         decode = self.decode_config()
@@ -326,6 +376,8 @@ class SFTStage:
         )
 
     def report(self) -> dict:
+        if not self.trainer.is_world_process_zero():
+            return self.summary
         log_history = self.trainer.state.log_history
         atomic_write_text(self.output_dir / "train_log.jsonl", "".join(json.dumps(e) + "\n" for e in log_history))
         plot_loss_curve([e for e in log_history if "loss" in e], self.output_dir / "loss.png",
@@ -351,6 +403,9 @@ def print_summary(summary: dict, output_dir: Path) -> None:
     loss = summary["final_loss"]
     print(f"steps {summary['steps']}, final loss {loss if loss is None else round(loss, 4)}, "
           f"{summary['skipped_items']} skipped and {summary['trimmed_items']} trimmed items")
+    if summary.get("skipped_steps"):
+        print(f"{len(summary['skipped_steps'])} optimizer step(s) skipped for a NaN/inf loss or gradient: "
+              f"{summary['skipped_steps']}")
     if "validation_wer" in summary:
         print(f"transcription WER on validation: {summary['validation_wer']:.1f}%")
     if "test" in summary:

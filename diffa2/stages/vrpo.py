@@ -363,7 +363,7 @@ class VRPOStage(SFTStage):
         self.train()
         self.save()
         self.evaluate()
-        self.summary["preference"] = self.preference_accuracy()
+        self.summary["preference"] = self.preference_accuracy() if self.trainer.is_world_process_zero() else None
         return self.report()
 
     def report(self) -> dict:
