@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ import torch
 
 from diffa2.audio import LogMelFeaturizer
 from diffa2.chat import ChatFormat
-from diffa2.diffusion.decoding import DecodeConfig, StepCallback, generate
+from diffa2.diffusion.decoding import DEFAULT_MODE, DecodeConfig, StepCallback, generate
 from diffa2.modeling.checkpoint import load_pretrained, resolve_source
 from diffa2.modeling.model import DIFFA2Model, Prefix
 
@@ -21,11 +21,14 @@ from diffa2.modeling.model import DIFFA2Model, Prefix
 class Answers:
     texts: list[str]
     token_ids: torch.Tensor  # (B, gen_length)
-    nfe: int
-    seconds: float
+    nfe: int  # forward passes over the batch
+    seconds: float  # the whole call: features, encoder, prefix, decoding
+    row_nfe: list[int] = field(default_factory=list)  # per answer: its NFE when decoded alone
+    decode_seconds: float = 0.0  # the decoder alone
 
     @property
     def tokens_per_second(self) -> float:
+        """Answer-canvas positions decided per second of the whole call."""
         return self.token_ids.numel() / max(self.seconds, 1e-9)
 
 
@@ -71,8 +74,9 @@ class AudioQA:
         seed: int | Sequence[int] = 0,
         on_step: StepCallback | None = None,
     ) -> Answers:
-        """Decode one answer per (clip, question) pair."""
+        """Decode one answer per (clip, question) pair; `config` defaults to the `DEFAULT_MODE` preset."""
         start = time.perf_counter()
+        config = config or DecodeConfig.preset(DEFAULT_MODE)
         out = generate(self.model, self.prefix(waves, questions), self.chat.ids, config, seed=seed, on_step=on_step)
         texts = [self.chat.decode_answer(row.tolist()) for row in out.token_ids]
-        return Answers(texts, out.token_ids, out.nfe, time.perf_counter() - start)
+        return Answers(texts, out.token_ids, out.nfe, time.perf_counter() - start, out.row_nfe.tolist(), out.seconds)

@@ -2,9 +2,11 @@
 
 Laptop (the embedded default's synthetic test split, on the checkpoint `make train` wrote to runs/sft/final):
     python -m diffa2.eval run --benchmark synth
+    python -m diffa2.eval run --benchmark synth --decode-mode reference   # LLaDA's decoder instead of the fast default
 Real scale:
     python -m diffa2.eval run --benchmark mmau --model CKPT --data mmau-test-mini.json --audio-root DIR --batch-size 16
     python -m diffa2.eval run --benchmark mmsu --model CKPT --data ddwang2000/MMSU
+    torchrun --nproc_per_node=8 -m diffa2.eval run --benchmark mmau ...   # one shard per GPU, merged by rank 0
     python -m diffa2.eval score --benchmark mmau --predictions predictions.json --mode normalized
 """
 
@@ -15,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from diffa2.diffusion.decoding import DEFAULT_MODE, PRESETS, SPEED_FIELDS, DecodeConfig
 from diffa2.eval.loaders import DataError, read_predictions, validate
 from diffa2.eval.prompts import PROMPTS
 from diffa2.eval.report import build_report, format_table, write_report
@@ -36,10 +39,27 @@ def _add_decoding(parser: argparse.ArgumentParser) -> None:
                        help="never predict EOS")  # fmt: skip
     group.add_argument("--confidence-eos-eot-inf", action=argparse.BooleanOptionalAction, default=None,
                        help="commit EOS / end-of-turn predictions last")  # fmt: skip
+    group.add_argument("--decode-mode", choices=sorted(PRESETS),
+                       help=f"speed mode: the preset's threshold/factor/cache/early-exit settings replace the spec's "
+                       f"(default: the spec's = {DEFAULT_MODE!r}; 'reference' = LLaDA/DIFFA-2 decoding, one token per "
+                       f"step, no cache); the flags below override it")  # fmt: skip
+    group.add_argument("--threshold", type=float, help="commit every masked token with confidence >= this")
+    group.add_argument("--factor", type=float, help="Fast-dLLM's factor rule (DIFFA-2's FPD)")
+    group.add_argument("--cache", choices=["none", "prefix", "dual"], help="block-wise approximate KV cache")
+    group.add_argument("--refresh-every", type=int, help="with a cache: also refresh it every N steps of a block")
+    group.add_argument("--eos-early-exit", action=argparse.BooleanOptionalAction, default=None,
+                       help="stop an answer once its text is decided (EOS, nothing masked before it)")  # fmt: skip
 
 
 DECODING_FLAGS = ("gen_length", "block_length", "steps", "temperature", "cfg_scale", "remasking", "logits_eos_inf",
-                  "confidence_eos_eot_inf")  # fmt: skip
+                  "confidence_eos_eot_inf", *SPEED_FIELDS)  # fmt: skip
+
+
+def decoding_overrides(args: argparse.Namespace) -> dict:
+    """Decoding fields to set over the spec's: the --decode-mode preset's speed settings, then explicit flags."""
+    mode = DecodeConfig.preset(args.decode_mode) if args.decode_mode else None
+    preset = {k: getattr(mode, k) for k in SPEED_FIELDS} if mode else {}
+    return preset | {k: getattr(args, k) for k in DECODING_FLAGS if getattr(args, k) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from diffa2.eval.runner import RunOptions, run_benchmark
 
-    decoding = {k: getattr(args, k) for k in DECODING_FLAGS if getattr(args, k) is not None}
+    decoding = decoding_overrides(args)
     model = args.model or load_spec(args.benchmark, args.spec).default_model
     if model is None:
         raise ValueError(f"--model is required for {args.benchmark}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from diffa2.diffusion.decoding import DecodeConfig
+from diffa2.diffusion.decoding import DEFAULT_MODE, DecodeConfig
 
 FORMATS = ("mmau_json", "mmar_jsonl", "mmsu")
 RULES = ("mmau_wordset", "mmsu_letter")
@@ -33,9 +33,10 @@ class SpecError(ValueError):
 
 def _diffa2_decoding() -> DecodeConfig:
     # DIFFA-2 evaluated MMAU, MMAR and MMSU with steps 16, block 16, gen length 16, greedy, cfg 0,
-    # low-confidence remasking (diffa2-model.md §7: DIFFA-2/run_mm{au,ar,su}_inference.sh).
-    return DecodeConfig(gen_length=16, block_length=16, steps=16, temperature=0.0, cfg_scale=0.0,
-                        remasking="low_confidence")  # fmt: skip
+    # low-confidence remasking (diffa2-model.md §7: DIFFA-2/run_mm{au,ar,su}_inference.sh); decoded with the
+    # default speed mode, DEFAULT_MODE (issue 6; `--decode-mode reference` restores DIFFA-2's decoder).
+    return DecodeConfig.preset(DEFAULT_MODE, gen_length=16, block_length=16, steps=16, temperature=0.0,
+                               cfg_scale=0.0, remasking="low_confidence")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ _MMAR_CATEGORIES = ("Signal Layer", "Perception Layer", "Semantic Layer", "Cultu
 BUILTIN_SPECS: dict[str, BenchmarkSpec] = {
     "mmau": BenchmarkSpec(
         name="mmau",
-        version=1,
+        version=2,
         description="MMAU test-mini (1,000 items with answers), scored with Sakshi113/MMAU evaluation.py's rule",
         format="mmau_json",
         data_version="MMAU-v05.15.25 (mmau-test-mini.json, Sakshi113/MMAU@f0a4a97)",
@@ -112,7 +113,7 @@ BUILTIN_SPECS: dict[str, BenchmarkSpec] = {
     ),
     "mmar": BenchmarkSpec(
         name="mmar",
-        version=1,
+        version=2,
         description="MMAR (1,000 items), scored with ddlBoJack/MMAR code/evaluation.py's rule (MMAU's, unchanged)",
         format="mmar_jsonl",
         data_version="MMAR-meta.jsonl (ddlBoJack/MMAR@a355584, 2026-02-16)",
@@ -125,7 +126,7 @@ BUILTIN_SPECS: dict[str, BenchmarkSpec] = {
     ),
     "mmsu": BenchmarkSpec(
         name="mmsu",
-        version=1,
+        version=2,
         description="MMSU (5,000 items), scored with dingdongwang/MMSU mmsu_evaluation.py's letter rule",
         format="mmsu",
         data_version="ddwang2000/MMSU split train (record the HF revision); scorer dingdongwang/MMSU@217d1d3",
@@ -139,7 +140,7 @@ BUILTIN_SPECS: dict[str, BenchmarkSpec] = {
     ),
     "synth": BenchmarkSpec(
         name="synth",
-        version=1,
+        version=2,
         description="the synthetic corpus's held-out test split (test_mmau.json, MMAU format), MMAU's rule",
         format="mmau_json",
         data_version="diffa2.data.synth test_mmau.json (format_version recorded in corpus_info.json)",

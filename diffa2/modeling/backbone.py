@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from diffa2.modeling.safe_load import load_weights_only
 
 # --------------------------------------------------------------------------------------------------
 # Name and config mapping (pure data; `{}` stands for the block index)
@@ -218,10 +220,15 @@ def load_state_dict_files(directory: str | Path) -> dict[str, torch.Tensor]:
     binary = directory / "pytorch_model.bin"
     if binary.is_file():
         # Never unpickle arbitrary objects from a checkpoint: tensors only.
-        return torch.load(binary, map_location="cpu", weights_only=True)
+        return load_weights_only(binary)
     raise FileNotFoundError(
         f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
     )
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions `[B, L]`: each row counts its real tokens from 0, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class LLaDABackbone(nn.Module):
@@ -249,16 +256,26 @@ class LLaDABackbone(nn.Module):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
     ) -> torch.Tensor:
         """Logits `[B, L, V]` for embeddings `[B, L, D]`; padded keys (mask 0) are invisible to every query.
 
-        Positions default to each row's count of real tokens so far, so a left-padded row gets exactly the
-        positions it would have alone.
+        Positions default to each row's count of real tokens so far (`positions_from_mask`), so a left-padded
+        row gets exactly the positions it would have alone. With a `cache` (block decoding, see
+        `diffa2.diffusion.kv_cache`) the queries also attend to the cached keys, `attention_mask` covers the
+        cached columns then the new ones, `position_ids` must be given, and the new K/V are appended to the cache.
         """
         if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(), position_ids=position_ids)
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError("a forward pass on a filled cache needs explicit position_ids")
+            position_ids = positions_from_mask(attention_mask)
+        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(), position_ids=position_ids,
+                      cache=cache, use_cache=cache is not None)  # fmt: skip
         return out.logits
+
+    def new_cache(self) -> DynamicCache:
+        """An empty transformers K/V cache laid out for this backbone's layers."""
+        return DynamicCache(config=self.lm.config)
 
     # -- LLaDA-format checkpoints -------------------------------------------------------------------
 

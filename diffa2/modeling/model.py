@@ -115,15 +115,20 @@ class DIFFA2Model(nn.Module):
 
     # -- backbone ---------------------------------------------------------------------------------
 
+    def backbone_inputs(
+        self, prefix: Prefix, answer_ids: torch.Tensor, answer_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's embeddings `[B, P+G, D]` and attention mask `[B, P+G]` for prefix + answer ids."""
+        if answer_mask is None:
+            answer_mask = torch.ones_like(answer_ids, dtype=torch.bool)
+        embeds = torch.cat([prefix.embeds, self.backbone.embed(answer_ids).to(prefix.embeds.dtype)], dim=1)
+        return embeds, torch.cat([prefix.attention_mask, answer_mask.bool()], dim=1)
+
     def answer_logits(
         self, prefix: Prefix, answer_ids: torch.Tensor, answer_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits `[B, G, V]` of the answer region given the prefix and the (partly masked) answer ids."""
-        if answer_mask is None:
-            answer_mask = torch.ones_like(answer_ids, dtype=torch.bool)
-        embeds = torch.cat([prefix.embeds, self.backbone.embed(answer_ids).to(prefix.embeds.dtype)], dim=1)
-        mask = torch.cat([prefix.attention_mask, answer_mask.bool()], dim=1)
-        logits = self.backbone(embeds, mask)
+        logits = self.backbone(*self.backbone_inputs(prefix, answer_ids, answer_mask))
         return logits[:, prefix.embeds.shape[1] :]
 
     def unconditional_prefix(self, prefix: Prefix) -> Prefix:

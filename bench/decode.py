@@ -1,0 +1,161 @@
+"""Decoding speed vs. accuracy: reference LLaDA decoding against the fast modes, on the synthetic test split.
+
+    python bench/decode.py --checkpoint runs/sft/final                  # after `make train`
+    python bench/decode.py --checkpoint CKPT --limit 24                 # a quick run (24 items, all kinds)
+    python bench/decode.py --checkpoint CKPT --modes reference fast fast:cache=prefix --gen-lengths 256
+
+For each answer length (default 32, 128, 256; block length 32, steps = gen length, i.e. the reference commits one
+token per step, greedy) it decodes the same test items with every mode (`DecodeConfig.preset` names: reference,
+parallel, cache, fast, fpd; `NAME:key=value,...` overrides a field) and prints per mode: NFE per answer (each
+answer's own passes, = its NFE decoded alone), wall time per answer (the whole `AudioQA.answer` call: features,
+encoder, decoding) and decoding time per answer, the wall-clock speedup over reference decoding, the synthetic
+benchmark accuracy (MMAU's official rule) and how many answers are identical to the reference's. Batches are
+interleaved across modes (every mode decodes batch k before any decodes batch k+1), so load from other processes
+on a shared machine hits all modes alike; one untimed warm-up batch per mode comes first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from diffa2.audio import load_audio, trim_to_window
+from diffa2.data.synth import DEFAULT_CORPUS_DIR, ensure_synth_corpus, format_mc_prompt
+from diffa2.diffusion.decoding import PRESETS, DecodeConfig
+from diffa2.eval.scoring import wordset_match
+from diffa2.inference import AudioQA
+
+NO_CHECKPOINT = """no checkpoint at {path}. Train the embedded default first, e.g.
+    make train                                                    # writes runs/sft/final (about 5 min on 2 CPU cores)
+    python -m diffa2.stages.sft --max_steps 200 --output_dir /tmp/ckpt   # a quicker, weaker one: /tmp/ckpt/final
+then pass --checkpoint DIR."""
+
+
+@dataclass
+class Tally:
+    """What one mode accumulated over the items of one answer length."""
+
+    nfe: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    correct: int = 0
+    seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+def parse_mode(spec: str, base: DecodeConfig) -> DecodeConfig:
+    """`NAME` or `NAME:key=value,...`: preset NAME's speed settings on `base`, then the overrides."""
+    name, _, overrides = spec.partition(":")
+    if name not in PRESETS:
+        raise SystemExit(f"unknown mode {name!r}; choose from {sorted(PRESETS)} (optionally NAME:key=value,...)")
+    values = dict(item.split("=", 1) for item in overrides.split(",") if item)
+    return replace(base.with_mode(name), **{k: yaml.safe_load(v) for k, v in values.items()})
+
+
+def load_items(test_file: Path, window: float, limit: int | None) -> list[dict]:
+    """Test records with their trimmed waveforms and prompts, loaded once for every mode; with a `limit`, that
+    many records evenly spaced over the split (it is sorted by question kind, so its head is one kind only)."""
+    records = json.loads(test_file.read_text())
+    if limit is not None and limit < len(records):
+        records = [records[i * len(records) // limit] for i in range(limit)]
+    for r in records:
+        r["wave"] = trim_to_window(load_audio(test_file.parent / r["audio_id"]), window)[0]
+        r["prompt"] = format_mc_prompt(r["question"], r["choices"])
+    return records
+
+
+def run_length(qa: AudioQA, items: list[dict], configs: dict[str, DecodeConfig], batch_size: int) -> dict[str, Tally]:
+    """Decode every item with every mode, batches interleaved across modes."""
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    for config in configs.values():  # warm-up, untimed
+        qa.answer([r["wave"] for r in batches[0]], [r["prompt"] for r in batches[0]], config)
+    tallies = {name: Tally() for name in configs}
+    for batch in batches:
+        waves, prompts = [r["wave"] for r in batch], [r["prompt"] for r in batch]
+        for name, config in configs.items():
+            answers = qa.answer(waves, prompts, config)
+            tally = tallies[name]
+            tally.nfe += answers.row_nfe
+            tally.texts += answers.texts
+            tally.correct += sum(wordset_match(t, r["answer"], r["choices"]) for t, r in zip(answers.texts, batch,
+                                                                                              strict=True))
+            tally.seconds += answers.seconds
+            tally.decode_seconds += answers.decode_seconds
+    return tallies
+
+
+def summarize(tallies: dict[str, Tally], reference: str) -> list[dict]:
+    """One row per mode: per-answer means, speedups against `reference`, accuracy, agreement."""
+    ref = tallies[reference]
+    rows = []
+    for name, t in tallies.items():
+        n = len(t.texts)
+        rows.append({
+            "mode": name, "nfe": sum(t.nfe) / n, "nfe_ratio": sum(ref.nfe) / max(sum(t.nfe), 1),
+            "wall_ms": 1000 * t.seconds / n, "decode_ms": 1000 * t.decode_seconds / n,
+            "speedup": ref.seconds / t.seconds, "decode_speedup": ref.decode_seconds / t.decode_seconds,
+            "accuracy": 100 * t.correct / n, "same_as_reference": 100 * sum(a == b for a, b in zip(t.texts, ref.texts,
+                                                                                                  strict=True)) / n,
+        })  # fmt: skip
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = (f"{'mode':<22} {'NFE/ans':>8} {'fewer NFE':>9} {'wall ms/ans':>11} {'decode ms/ans':>13} "
+            f"{'speedup':>8} {'dec. speedup':>12} {'accuracy':>8} {'same ans':>8}")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['mode']:<22} {r['nfe']:>8.1f} {r['nfe_ratio']:>8.1f}x {r['wall_ms']:>11.1f} "
+                     f"{r['decode_ms']:>13.1f} {r['speedup']:>7.2f}x {r['decode_speedup']:>11.2f}x "
+                     f"{r['accuracy']:>7.1f}% {r['same_as_reference']:>7.1f}%")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="runs/sft/final", help="DIFFA-2 checkpoint (default: runs/sft/final)")
+    parser.add_argument("--data", help=f"MMAU-format test file (default: the synthetic corpus at {DEFAULT_CORPUS_DIR})")
+    parser.add_argument("--limit", type=int, help="only N test items, evenly spaced over the split")
+    parser.add_argument("--gen-lengths", type=int, nargs="+", default=[32, 128, 256])
+    parser.add_argument("--block-length", type=int, default=32, help="block size (capped at the gen length)")
+    parser.add_argument("--modes", nargs="+", default=["reference", "parallel", "cache", "fast"],
+                        help="presets to compare; the first is the baseline (default: reference parallel cache fast)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        print(NO_CHECKPOINT.format(path=args.checkpoint), file=sys.stderr)
+        return 2
+    qa = AudioQA.from_checkpoint(args.checkpoint, device=args.device)
+    test_file = Path(args.data) if args.data else ensure_synth_corpus(DEFAULT_CORPUS_DIR).test_mmau
+    items = load_items(test_file, qa.model.config.window_seconds, args.limit)
+    print(f"checkpoint {args.checkpoint} | data {test_file} ({len(items)} items) | batch {args.batch_size} | "
+          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{platform.processor() or platform.machine()} | greedy, steps = gen length")  # fmt: skip
+    results = []
+    for gen_length in args.gen_lengths:
+        base = DecodeConfig(gen_length=gen_length, block_length=min(args.block_length, gen_length), steps=gen_length)
+        configs = {spec: parse_mode(spec, base) for spec in args.modes}
+        print(f"\ngen length {gen_length}, block {base.block_length}, steps {base.steps}")
+        for spec, config in configs.items():
+            speed = {k: v for k, v in asdict(config).items() if asdict(base)[k] != v}
+            print(f"  {spec}: {speed or 'reference decoding'}")
+        rows = summarize(run_length(qa, items, configs, args.batch_size), args.modes[0])
+        print(format_rows(rows), flush=True)
+        results.append({"gen_length": gen_length, "config": {s: asdict(c) for s, c in configs.items()}, "rows": rows})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "items": len(items),
+                                               "results": results}, indent=2) + "\n")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
