@@ -1,0 +1,39 @@
+"""Command line of the demo: `python -m diffa2.demo` / `python demo/app.py`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffa2.demo import DEFAULT_MAX_UPLOAD_MB
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The demo's flags."""
+    parser = argparse.ArgumentParser(
+        prog="python -m diffa2.demo",
+        description="Gradio audio Q&A demo of DIFFA-2: upload or record a clip, ask, watch the answer unmask.",
+    )
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes the demo to the network)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint directory to preselect (default: the latest embedded-default checkpoint "
+                             "under --runs-dir)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                        help="where stage runs write <stage>/final checkpoints and the train button trains "
+                             "(default: runs)")
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+                        help=f"largest upload accepted, in MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the flags, then build and serve the page until interrupted."""
+    args = parse_args(argv)
+    from diffa2.demo.ui import DemoOptions, launch  # gradio is imported only once --help has been handled
+
+    launch(DemoOptions(runs_dir=args.runs_dir, checkpoint=args.checkpoint, max_upload_mb=args.max_upload_mb),
+           host=args.host, port=args.port, share=args.share)

@@ -1,0 +1,136 @@
+"""The page: layout and wiring only; what happens to a clip and a question is in `diffa2.demo.answer`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from diffa2.demo import DEFAULT_MAX_UPLOAD_MB
+from diffa2.demo.answer import END_GLYPH, MASK_GLYPH, DecodeSettings, answer_clip
+from diffa2.demo.checkpoints import NO_CHECKPOINT_HELP, checkpoint_choices, default_checkpoint
+from diffa2.demo.examples import EXAMPLE_QUESTIONS, example_clips
+from diffa2.demo.training import TrainingFailed, run_training, tiny_default_command
+from diffa2.diffusion.decoding import DEFAULT_MODE, PRESETS
+
+logger = logging.getLogger(__name__)
+
+# System fonts only: the default theme fetches Google Fonts, which an offline machine cannot reach.
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+CSS = "#answer textarea { font-family: ui-monospace, monospace; font-size: 1.25em; }"
+INTRO = (
+    "# DIFFA-2 audio Q&A\nUpload a clip or record one, ask a question, and watch the diffusion model unmask its "
+    f"answer step by step ({MASK_GLYPH} = still masked, {END_GLYPH} = end of answer)."
+)
+
+
+@dataclass
+class DemoOptions:
+    """What the page needs to know beyond its controls."""
+
+    runs_dir: Path = Path("runs")  # where stage runs write `<stage>/final` checkpoints
+    checkpoint: str | None = None  # preselected checkpoint; default: the latest embedded-default one
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
+    examples_dir: Path | None = None  # synthetic example clips; default: <runs_dir>/demo-examples
+    train_command: list[str] = field(default_factory=list)  # default: the embedded default's SFT stage
+
+    def __post_init__(self) -> None:
+        self.runs_dir = Path(self.runs_dir)
+        self.examples_dir = Path(self.examples_dir or self.runs_dir / "demo-examples")
+        self.train_command = self.train_command or tiny_default_command(self.runs_dir)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """The upload limit in bytes (Gradio's max_file_size and the answer function's check)."""
+        return int(self.max_upload_mb * 2**20)
+
+
+def build_app(options: DemoOptions) -> gr.Blocks:
+    """The Gradio Blocks of the demo."""
+    clips, kinds = example_clips(options.examples_dir)
+    defaults = DecodeSettings.from_mode(DEFAULT_MODE)
+    selected = default_checkpoint(options.runs_dir, options.checkpoint)
+
+    with gr.Blocks(title="DIFFA-2 audio Q&A", analytics_enabled=False) as app:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column():
+                audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio clip", elem_id="audio")
+                question = gr.Textbox(label="Question", placeholder="e.g. What is the pitch of the sound?",
+                                      elem_id="question")
+                ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                gr.Examples([[q] for q in EXAMPLE_QUESTIONS], inputs=[question], label="Example questions")
+                gr.Examples(clips, inputs=[audio, question], example_labels=kinds,
+                            label="Synthetic corpus examples (one clip per question kind)")
+            with gr.Column():
+                answer = gr.Textbox(label="Answer", lines=2, interactive=False, elem_id="answer")
+                status = gr.Markdown(elem_id="status")
+                with gr.Accordion("Model", open=selected is None):
+                    checkpoint = gr.Dropdown(checkpoint_choices(options.runs_dir, options.checkpoint), value=selected,
+                                             allow_custom_value=True, label="Checkpoint directory")
+                    missing = gr.Markdown(NO_CHECKPOINT_HELP.format(runs=options.runs_dir), visible=selected is None)
+                    train = gr.Button("Train the tiny default (about 5 min on CPU)", elem_id="train")
+                    trained = gr.Markdown(elem_id="train-status")
+                with gr.Accordion("Decoding settings", open=False):
+                    mode = gr.Dropdown(list(PRESETS), value=DEFAULT_MODE, label="Mode",
+                                       info="a named preset: it sets the four speed controls below")
+                    gen_length = gr.Slider(1, 512, value=defaults.gen_length, step=1, label="Answer length (tokens)")
+                    block_length = gr.Slider(1, 512, value=defaults.block_length, step=1, label="Block length")
+                    steps = gr.Slider(1, 512, value=defaults.steps, step=1, label="Steps (at most)")
+                    threshold = gr.Slider(0.0, 1.0, value=defaults.threshold, step=0.01,
+                                          label="Confidence threshold of parallel decoding (0 = off)")
+                    factor = gr.Slider(0.0, 8.0, value=defaults.factor, step=0.1,
+                                       label="Factor of parallel decoding (0 = off)")
+                    cache = gr.Radio(["none", "prefix", "dual"], value=defaults.cache, label="KV cache")
+                    eos_early_exit = gr.Checkbox(value=defaults.eos_early_exit, label="Stop once the answer has ended")
+                    delay = gr.Slider(0.0, 1.0, value=0.1, step=0.05, label="Pause between frames shown (s)")
+
+        def on_answer(audio, question, checkpoint, gen_length, block_length, steps, threshold, factor, cache,
+                      eos_early_exit, delay) -> Iterator[tuple[str, str]]:
+            settings = DecodeSettings(gen_length=gen_length, block_length=block_length, steps=steps,
+                                      threshold=threshold, factor=factor, cache=cache, eos_early_exit=eos_early_exit)
+            for update in answer_clip(audio, question, checkpoint, settings,
+                                      max_bytes=options.max_upload_bytes, delay=delay):
+                yield update.text, update.status
+
+        def on_train(progress=gr.Progress()) -> tuple:  # noqa: B008 (Gradio's way to ask for a progress bar)
+            fraction = 0.0
+            progress(fraction, desc="starting")
+            try:
+                for report in run_training(options.train_command, options.runs_dir.resolve().parent):
+                    fraction = fraction if report.fraction is None else report.fraction
+                    progress(fraction, desc=report.message)
+            except (TrainingFailed, OSError) as exc:
+                logger.error("training failed: %s", exc)
+                head, _, tail = str(exc).partition("\n")
+                return gr.update(), gr.update(), f"⚠ {head}\n\n```\n{tail}\n```"
+            latest = default_checkpoint(options.runs_dir)
+            if latest is None:
+                return gr.update(), gr.update(), f"⚠ Training ended without a checkpoint in `{options.runs_dir}`."
+            choices = checkpoint_choices(options.runs_dir, options.checkpoint)
+            selected = gr.update(choices=choices, value=latest)
+            return selected, gr.update(visible=False), f"Trained and selected `{latest}`."
+
+        def on_mode(name: str) -> tuple:
+            chosen = DecodeSettings.from_mode(name)
+            return chosen.threshold, chosen.factor, chosen.cache, chosen.eos_early_exit
+
+        mode.change(on_mode, mode, [threshold, factor, cache, eos_early_exit], api_visibility="private")
+        inputs = [audio, question, checkpoint, gen_length, block_length, steps, threshold, factor, cache,
+                  eos_early_exit, delay]
+        gr.on([ask.click, question.submit], on_answer, inputs, [answer, status], api_name="answer",
+              show_progress="minimal")
+        train.click(on_train, None, [checkpoint, missing, trained], api_name="train")
+    return app
+
+
+def launch(options: DemoOptions, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           **kwargs) -> gr.Blocks:
+    """Build and launch the demo (non-blocking when `prevent_thread_lock=True` is passed, as tests do)."""
+    app = build_app(options)
+    app.launch(server_name=host, server_port=port, share=share, max_file_size=options.max_upload_bytes,
+               allowed_paths=[str(options.examples_dir.resolve())], theme=THEME, css=CSS, **kwargs)
+    return app

@@ -1,0 +1,299 @@
+"""The Gradio demo: the answer function on audio files (good and bad), checkpoints, training progress, the
+command line, and the launched app through gradio_client.
+
+The tiny checkpoint has random weights, so answers are garbage; the tests check the pipeline and the messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from helpers import clip
+
+from diffa2.audio import load_audio
+from diffa2.demo import answer as answer_module
+from diffa2.demo.answer import (
+    END_GLYPH,
+    MASK_GLYPH,
+    DecodeSettings,
+    Update,
+    answer_clip,
+    load_model,
+    render_canvas,
+)
+from diffa2.demo.checkpoints import checkpoint_choices, default_checkpoint, find_checkpoints, is_embedded_default
+from diffa2.demo.examples import EXAMPLE_QUESTIONS, example_clips
+from diffa2.demo.training import TrainingFailed, parse_progress, run_training
+from diffa2.diffusion.decoding import DEFAULT_MODE, PRESETS, DecodeConfig
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = DecodeSettings(gen_length=8, block_length=8, steps=4)  # four forward passes per answer
+QUESTION = "What is the pitch of the sound?"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def write_wav(path: Path, wave: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, wave, 16000)
+    return path
+
+
+def run(audio, question=QUESTION, checkpoint=None, settings=FAST, **kwargs) -> list[Update]:
+    return list(answer_clip(None if audio is None else str(audio), question, checkpoint, settings, **kwargs))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(options) -> Iterator[str]:
+    """The demo launched in this process on 127.0.0.1 and a free port; yields its URL, closes it afterwards."""
+    from diffa2.demo.ui import launch
+
+    app = launch(options, port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield app.local_url
+    finally:
+        app.close()
+
+
+def install_checkpoint(checkpoint: Path, runs: Path, stage: str = "sft") -> Path:
+    """A copy of a checkpoint where a stage run would have written it."""
+    return Path(shutil.copytree(checkpoint, runs / stage / "final"))
+
+
+# -- the answer function on audio files -------------------------------------------------------------------------
+
+
+def test_answer_streams_the_unmasking_then_the_answer(tmp_path, checkpoint):
+    wav = write_wav(tmp_path / "tone.wav", clip(1.5))
+    updates = run(wav, checkpoint=str(checkpoint))
+    frames, last = updates[:-1], updates[-1]
+    assert len(frames) == FAST.steps and last.done and not any(u.done for u in frames)
+    masked = [u.text.count(MASK_GLYPH) for u in frames]
+    assert masked == [6, 4, 2, 0]  # 8 positions, 2 committed per step; each masked position is shown as ▒
+    assert "NFE 1," in frames[0].status and "Done: NFE 4," in last.status
+    direct = load_model(str(checkpoint)).answer([load_audio(wav)], [QUESTION], FAST.to_config())
+    assert last.text == direct.texts[0]
+    assert MASK_GLYPH not in last.text and END_GLYPH not in last.text
+
+
+def test_answer_on_synthetic_corpus_examples(small_corpus, checkpoint):
+    rows, kinds = example_clips(small_corpus)
+    assert len(rows) == len(kinds) == len(EXAMPLE_QUESTIONS) == 6
+    assert all(Path(path).is_file() and question in EXAMPLE_QUESTIONS for path, question in rows)
+    path, question = rows[kinds.index("Pitch")]
+    last = run(path, question, str(checkpoint))[-1]
+    assert last.done and last.status.startswith("Done: NFE 4,")
+
+
+def test_too_long_clip_is_trimmed_with_a_notice(tmp_path, checkpoint):
+    window = load_model(str(checkpoint)).model.config.window_seconds
+    wav = write_wav(tmp_path / "long.wav", clip(window + 2.5))
+    last = run(wav, checkpoint=str(checkpoint))[-1]
+    assert f"The clip is {window + 2.5:.1f} s long; only its first {window:g} s" in last.status
+    assert "Done: NFE 4," in last.status
+
+
+def bad_inputs(tmp: Path) -> dict[str, tuple[dict, str]]:
+    """Case name -> (arguments of `run` besides the checkpoint, the message expected in the page)."""
+    text = tmp / "notes.wav"
+    text.write_text("this is not audio\n" * 50)
+    empty = tmp / "empty.wav"
+    empty.write_bytes(b"")
+    no_samples = write_wav(tmp / "no_samples.wav", np.zeros(0, np.float32))
+    silent = write_wav(tmp / "silent.wav", np.zeros(16000, np.float32))
+    tone = write_wav(tmp / "tone.wav", clip(1.0))
+    (tmp / "nothing").mkdir()
+    return {
+        "non-audio file": ({"audio": text}, "Could not read the audio: notes.wav: cannot be decoded by libsndfile "
+                           "(Error opening 'notes.wav': Format not recognised.); expected a wav/flac/ogg/mp3 file."),
+        "empty file": ({"audio": empty},
+                       "Could not read the audio: empty.wav: is empty (0 bytes); expected an encoded audio file."),
+        "zero-length clip": ({"audio": no_samples}, "Could not read the audio: no_samples.wav: contains no samples"),
+        "silent clip": ({"audio": silent}, "silent.wav is silent (its loudest sample is -inf dBFS)"),
+        "too large": ({"audio": tone, "max_bytes": 10_000},
+                      "tone.wav is 0.0306 MB, over the upload limit of 0.00954 MB"),
+        "no clip": ({"audio": None}, "Upload an audio file or record one"),
+        "no question": ({"audio": tone, "question": "  "}, "Type a question"),
+        "no checkpoint": ({"audio": tone, "checkpoint": None}, "No checkpoint selected"),
+        "not a checkpoint": ({"audio": tone, "checkpoint": str(tmp / "nothing")}, "is not a DIFFA-2 checkpoint"),
+        "bad settings": ({"audio": tone, "settings": DecodeSettings(gen_length=10, block_length=4, steps=4)},
+                         "Decoding settings: gen_length 10 is not a multiple of block_length 4"),
+        "two parallel rules": ({"audio": tone, "settings": DecodeSettings(threshold=0.9, factor=1)},
+                               "Decoding settings: threshold and factor are alternative parallel rules"),
+    }
+
+
+@pytest.mark.parametrize("case", ["non-audio file", "empty file", "zero-length clip", "silent clip", "too large",
+                                  "no clip", "no question", "no checkpoint", "not a checkpoint", "bad settings",
+                                  "two parallel rules"])
+def test_bad_input_gives_one_message_not_an_exception(case, tmp_path, checkpoint):
+    kwargs, expected = bad_inputs(tmp_path)[case]
+    updates = run(**{"checkpoint": str(checkpoint)} | kwargs)
+    assert len(updates) == 1 and updates[0].done and updates[0].text == ""
+    assert updates[0].status.startswith("⚠ ") and expected in updates[0].status
+    assert "Traceback" not in updates[0].status
+
+
+def test_unexpected_error_is_one_line_in_the_page(tmp_path, checkpoint, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(answer_module.AudioQA, "answer", broken)
+    updates = run(write_wav(tmp_path / "t.wav", clip(1.0)), checkpoint=str(checkpoint))
+    assert [u.status for u in updates] == ["⚠ Internal error (RuntimeError: boom); the details are in the server log."]
+
+
+def test_render_canvas_shows_masks_and_end_tokens(chat):
+    high, low = (chat.tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("high", " low"))
+    ids = chat.ids
+    canvas = [*high, ids.mask, *low, ids.eot, ids.mask, ids.eos]
+    assert render_canvas(canvas, chat) == f"high{MASK_GLYPH} low{END_GLYPH}{MASK_GLYPH}{END_GLYPH}"
+    assert render_canvas([ids.mask] * 3, chat) == MASK_GLYPH * 3
+
+
+# -- decoding settings ---------------------------------------------------------------------------------------
+
+
+def test_settings_map_onto_decode_config():
+    settings = DecodeSettings(gen_length=16, block_length=8, steps=8, threshold=0.8, cache="dual", eos_early_exit=True)
+    expected = DecodeConfig(gen_length=16, block_length=8, steps=8, threshold=0.8, cache="dual", eos_early_exit=True)
+    assert settings.to_config() == expected
+    assert DecodeSettings(factor=1.5).to_config().factor == 1.5 and DecodeSettings().to_config().threshold is None
+
+
+@pytest.mark.parametrize("mode", sorted(PRESETS))
+def test_every_named_mode_fills_the_speed_controls(mode):
+    assert DecodeSettings.from_mode(mode).to_config() == DecodeConfig.preset(mode, gen_length=16, block_length=16,
+                                                                              steps=16)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def test_default_checkpoint_is_the_latest_embedded_default(tmp_path, checkpoint):
+    runs = tmp_path / "runs"
+    assert find_checkpoints(runs) == [] and default_checkpoint(runs) is None
+    older = install_checkpoint(checkpoint, runs, "acoustic")
+    newer = install_checkpoint(checkpoint, runs, "sft")
+    real = install_checkpoint(checkpoint, runs, "real")
+    config = real / "config.json"
+    config.write_text(config.read_text().replace('"encoder_source": null', '"encoder_source": "/models/whisper"'))
+    for age, directory in enumerate((real, newer, older)):  # real newest, then sft, then acoustic
+        stamp = 2_000_000_000 - 100 * age
+        os.utime(directory / "config.json", (stamp, stamp))
+    assert find_checkpoints(runs) == [real, newer, older]
+    assert not is_embedded_default(real) and is_embedded_default(newer)
+    assert default_checkpoint(runs) == str(newer)
+    assert default_checkpoint(runs, "/elsewhere/ckpt") == "/elsewhere/ckpt"
+    assert checkpoint_choices(runs, str(older)) == [str(older), str(real), str(newer)]
+
+
+# -- training the tiny default from the page --------------------------------------------------------------------
+
+
+def fake_training(copy_from: Path | None, runs: Path, code: int = 0) -> list[str]:
+    """A command printing what the SFT stage prints (tqdm bars redrawn with \\r) and, if given, writing a
+    checkpoint to <runs>/sft/final."""
+    script = textwrap.dedent(f"""
+        import shutil, sys
+        print("[sft] model: tiny preset, random initialisation", flush=True)
+        for n in range(0, 5):
+            sys.stderr.write(f"\\r{{n * 25:3d}}%|##        | {{n}}/4 [00:0{{n}}<00:04,  1.00it/s]")
+            sys.stderr.flush()
+        sys.stderr.write("\\rtest:  50%|#####     | 1/2 [00:01<00:01,  1.00batch/s]\\n")
+        if {str(copy_from)!r} != "None":
+            shutil.copytree({str(copy_from)!r}, {str(runs / "sft" / "final")!r})
+        print("synthetic test accuracy: 42.0%", flush=True)
+        sys.exit({code})
+    """)
+    return [sys.executable, "-c", script]
+
+
+def test_training_progress_is_parsed_from_the_stage_output(tmp_path):
+    reports = list(run_training(fake_training(None, tmp_path), tmp_path))
+    fractions = [r.fraction for r in reports if r.fraction is not None]
+    assert fractions == [0.0, 0.25, 0.5, 0.75, 1.0, 0.5]
+    assert reports[0].message == "[sft] model: tiny preset, random initialisation"
+    assert [r.message for r in reports][-3:] == ["training step 4/4", "evaluating (test) 1/2",
+                                                 "synthetic test accuracy: 42.0%"]
+
+
+def test_failed_training_reports_its_last_lines(tmp_path):
+    with pytest.raises(TrainingFailed, match=r"exited with code 3(.|\n)*synthetic test accuracy"):
+        list(run_training(fake_training(None, tmp_path, code=3), tmp_path))
+
+
+def test_progress_of_real_tqdm_lines():
+    line = " 12%|█▏        | 96/800 [00:31<03:50,  3.04it/s]"
+    assert parse_progress(line).fraction == pytest.approx(0.12) and parse_progress(line).message.endswith("96/800")
+    assert parse_progress("{'loss': 1.5, 'epoch': 0.1}").fraction is None
+
+
+# -- command line and the launched app -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", [["demo/app.py"], ["-m", "diffa2.demo"]])
+def test_command_line_help(entry):
+    out = subprocess.run([sys.executable, *entry, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--host", "--port", "--share", "--checkpoint", "--runs-dir", "--max-upload-mb", "127.0.0.1"):
+        assert flag in out.stdout
+
+
+def test_gradio_client_answers_and_reports_bad_input(tmp_path, checkpoint, small_corpus):
+    from gradio_client import Client, handle_file
+
+    from diffa2.demo.ui import DemoOptions
+
+    runs = tmp_path / "runs"
+    final = install_checkpoint(checkpoint, runs)
+    rows, kinds = example_clips(small_corpus)
+    path, question = rows[kinds.index("Pitch")]
+    with serve(DemoOptions(runs_dir=runs, examples_dir=small_corpus)) as url:
+        client = Client(url, verbose=False)
+        text, status = client.predict(audio=handle_file(path), question=question, delay=0, api_name="/answer")
+        expected = run(path, question, str(final), DecodeSettings.from_mode(DEFAULT_MODE))[-1]  # the page's default
+        assert (text, status.split(", ")[0]) == (expected.text, expected.status.split(", ")[0])
+        junk = tmp_path / "junk.mp3"
+        junk.write_bytes(b"\x00\x01 not an mp3" * 20)
+        text, status = client.predict(audio=handle_file(str(junk)), question=question, api_name="/answer")
+        assert text == "" and status.startswith("⚠ Could not read the audio: junk.mp3: cannot be decoded")
+
+
+def test_gradio_client_trains_when_there_is_no_checkpoint(tmp_path, checkpoint, small_corpus):
+    from gradio_client import Client, handle_file
+
+    from diffa2.demo.ui import DemoOptions
+
+    runs = tmp_path / "runs"
+    options = DemoOptions(runs_dir=runs, examples_dir=small_corpus, train_command=fake_training(checkpoint, runs))
+    wav = str(write_wav(tmp_path / "tone.wav", clip(1.0)))
+    with serve(options) as url:
+        client = Client(url, verbose=False)
+        _, status = client.predict(audio=handle_file(wav), question=QUESTION, checkpoint=None, delay=0,
+                                   api_name="/answer")
+        assert status.startswith("⚠ No checkpoint selected")
+        dropdown, _, message = client.predict(api_name="/train")
+        selected = str(runs / "sft" / "final")
+        assert dropdown["value"] == selected and [selected, selected] in dropdown["choices"]
+        assert message == f"Trained and selected `{selected}`."
+        _, status = client.predict(audio=handle_file(wav), question=QUESTION, checkpoint=selected, delay=0,
+                                   api_name="/answer")
+        assert status.startswith("Done: NFE ")
