@@ -205,10 +205,11 @@ def resolve_data(spec: BenchmarkSpec, data: str | None, audio_root: str | None) 
     return source, root
 
 
-def _load_wave(item: Item, where: str) -> Any:
+def _load_wave(item: Item, where: str, window: float) -> Any:
+    """The item's clip, decoded only as far as the model's window (a 2-hour file costs a window of memory)."""
     if item.audio.data is not None:
-        return decode_audio_bytes(item.audio.data, name=item.audio.label, where=where)
-    return load_audio(item.audio.path, where=where)
+        return decode_audio_bytes(item.audio.data, name=item.audio.label, where=where, max_seconds=window)
+    return load_audio(item.audio.path, where=where, max_seconds=window)
 
 
 def run_benchmark(
@@ -285,7 +286,7 @@ def run_benchmark(
                 item = items[i]
                 entry = {"key": keys[i], "id": item.id, "seed": item_seed(options.seed, item.id)}
                 try:
-                    wave = _load_wave(item, item.record.where)
+                    wave = _load_wave(item, item.record.where, window)
                 except AudioError as exc:
                     missing = item.audio.path is not None and not item.audio.path.exists()
                     entry |= {"audio_status": "missing" if missing else "unreadable", "audio_error": str(exc)}
