@@ -75,6 +75,31 @@ def test_sft_loss_is_seeded_and_trains_both_adapters(chat, tiny_model):
     assert tiny_model.acoustic_adapter.queries.grad.abs().sum() > 0
 
 
+def test_stop_weight_scales_only_eos_and_end_of_turn_targets(chat, tiny_model):
+    featurizer = LogMelFeaturizer(tiny_model.config.n_mels, tiny_model.config.window_seconds)
+    batch = SFTCollator(chat, featurizer, answer_length=16)([SFTExample(clip(1.0), "How many beeps?", "three"),
+                                                            SFTExample(clip(2.0, 800), "Words?", "red blue gold")])
+    tiny_model.eval()
+    stops = (chat.ids.eos, chat.ids.eot)
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(5)
+
+    loss = {w: sft_loss(tiny_model, batch, chat.ids.mask, generator=seeded(), stop_ids=stops, stop_weight=w)
+            for w in (0.0, 0.5, 1.0)}
+    assert torch.equal(loss[1.0], sft_loss(tiny_model, batch, chat.ids.mask, generator=seeded()))
+    torch.testing.assert_close(loss[0.5], (loss[0.0] + loss[1.0]) / 2)
+    # By hand: at weight 0 only the content targets ("three"; "red blue gold") count.
+    noised = forward_process(batch.answer_ids, batch.answer_mask, chat.ids.mask, generator=seeded())
+    with torch.no_grad():
+        logits = tiny_model(batch.input_features, batch.feature_lengths, batch.prompt_ids, batch.audio_slots,
+                            noised.noisy_ids, batch.answer_mask)
+    token = masked_token_loss(logits, batch.answer_ids, noised.masked, noised.p_mask)
+    content = ~torch.isin(batch.answer_ids, torch.tensor(stops))
+    assert content.sum(dim=1).tolist() == [len(chat.encode_answer(a)) - 1 for a in ("three", "red blue gold")]
+    torch.testing.assert_close(loss[0.0], reduce_loss(token * content, batch.answer_mask))
+    assert 0 < loss[0.0] < loss[1.0]
+
+
 def test_feature_cache_gives_the_same_batches(chat, tiny_model):
     featurizer = LogMelFeaturizer(tiny_model.config.n_mels, tiny_model.config.window_seconds)
     examples = [SFTExample(clip(1.0 + i / 4, 300 * (i + 1)), "Pitch?", "high", audio_key=f"clip{i}") for i in range(3)]

@@ -19,10 +19,14 @@ def sft_loss(
     form: MaskingForm = "ratio",
     reduction: Reduction = "per_sample",
     generator: torch.Generator | None = None,
+    stop_ids: tuple[int, ...] = (),
+    stop_weight: float = 1.0,
 ) -> torch.Tensor:
     """LLaDA SFT loss of one batch (prompt and speech never masked; EOS padding is part of the answer).
 
-    `model` may be a distributed wrapper of a `DIFFA2Model`; it is only called.
+    Masked positions whose target is one of `stop_ids` (EOS padding, end of turn) are weighted `stop_weight`
+    (1.0 = LLaDA); they fill most of a short-answer canvas, and a tiny model trained from scratch learns its
+    answers faster when they count less (`dev/LOG.md`). `model` may be a distributed wrapper; it is only called.
     """
     noised = forward_process(batch.answer_ids, batch.answer_mask, mask_id, eps=eps, form=form, generator=generator)
     logits = model(
@@ -34,4 +38,7 @@ def sft_loss(
         batch.answer_mask,
     )
     token_loss = masked_token_loss(logits, batch.answer_ids, noised.masked, noised.p_mask)
+    if stop_ids and stop_weight != 1.0:
+        is_stop = torch.isin(batch.answer_ids, torch.tensor(stop_ids, device=batch.answer_ids.device))
+        token_loss = token_loss * torch.where(is_stop, stop_weight, 1.0)
     return reduce_loss(token_loss, batch.answer_mask, reduction)

@@ -50,6 +50,9 @@ class DataArguments:
     masking_form: str = field(
         default="count", metadata={"help": "ratio (LLaDA SFT: p ~ U, weight 1/p) or count (k ~ U{1..L}, weight L/k)"}
     )
+    stop_token_loss_weight: float = field(
+        default=1.0, metadata={"help": "loss weight of EOS-padding and end-of-turn targets (1.0 = LLaDA)"}
+    )
     loss_reduction: str = field(default="per_sample", metadata={"help": "per_sample (LLaDA) or batch (DIFFA code)"})
 
 

@@ -136,15 +136,17 @@ class DiffusionSFTTrainer(DIFFA2Trainer):
     """The masked-diffusion SFT loss of stages 1-3."""
 
     def __init__(self, *args, mask_id: int, chat: ChatFormat, loss_reduction: str, masking_form: str,
-                 **kwargs) -> None:
+                 stop_weight: float = 1.0, **kwargs) -> None:
         super().__init__(*args, chat=chat, **kwargs)
         self.mask_id = mask_id
         self.loss_reduction = loss_reduction
         self.masking_form = masking_form
+        self.stop_weight = stop_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = sft_loss(model, SFTBatch(**inputs), self.mask_id, form=self.masking_form,
-                        reduction=self.loss_reduction)
+                        reduction=self.loss_reduction, stop_ids=(self.chat.ids.eos, self.chat.ids.eot),
+                        stop_weight=self.stop_weight)
         return (loss, None) if return_outputs else loss
 
 
@@ -308,6 +310,7 @@ class SFTStage:
             chat=self.chat,
             loss_reduction=self.data_args.loss_reduction,
             masking_form=self.data_args.masking_form,
+            stop_weight=self.data_args.stop_token_loss_weight,
             audio_lr_scale=self.train_args.audio_lr_scale,
         )
 
