@@ -22,6 +22,7 @@ import soundfile as sf
 from helpers import clip
 
 from diffa2.audio import load_audio
+from diffa2.data.synth import ANSWER_TOKENS
 from diffa2.demo import answer as answer_module
 from diffa2.demo.answer import (
     END_GLYPH,
@@ -180,8 +181,9 @@ def test_settings_map_onto_decode_config():
 
 @pytest.mark.parametrize("mode", sorted(PRESETS))
 def test_every_named_mode_fills_the_speed_controls(mode):
-    assert DecodeSettings.from_mode(mode).to_config() == DecodeConfig.preset(mode, gen_length=16, block_length=16,
-                                                                              steps=16)
+    n = ANSWER_TOKENS  # the embedded default's answer length, which the synth benchmark decodes with
+    assert DecodeSettings.from_mode(mode).to_config() == DecodeConfig.preset(mode, gen_length=n, block_length=n,
+                                                                              steps=n)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------

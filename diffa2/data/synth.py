@@ -108,6 +108,9 @@ TEMPO_IOI_S = {"slow": (0.45, 0.55), "fast": (0.12, 0.15)}  # inter-onset interv
 BEEP_S = 0.16  # every beep lasts the same: the total sounding time is then proportional to the count
 BEEP_GAP_S = 0.2  # minimum silence between beeps (2.5 frames of the 12.5 Hz semantic adapter)
 COUNT_WORDS: tuple[str, ...] = ("one", "two", "three", "four")
+# Answer region of the embedded default, in tokens: every answer of the corpus + <|eot_id|> fits (captions are the
+# longest, 8 tokens with the corpus tokenizer); training, the stage's test and the synth benchmark all use it.
+ANSWER_TOKENS = 10
 
 # ----------------------------------------------------------------------------------------------------------
 # Question kinds

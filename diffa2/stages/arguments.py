@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from diffa2.data.synth import ANSWER_TOKENS
 from diffa2.stages.distributed import cpu_multiprocess, gloo_deepspeed_state
 
 
@@ -41,7 +42,9 @@ class DataArguments:
     synth_dir: str = field(default="data/synth", metadata={"help": "synthetic corpus directory ({synth} in recipes)"})
     synth_seed: int = field(default=0, metadata={"help": "seed of the synthetic corpus (built when missing)"})
     synth_size: str = field(default="default", metadata={"help": "size of the synthetic corpus: default or small"})
-    answer_length: int = field(default=10, metadata={"help": "answer tokens per item incl. <|eot_id|> + EOS padding"})
+    answer_length: int = field(
+        default=ANSWER_TOKENS, metadata={"help": "answer tokens per item incl. <|eot_id|> + EOS padding"}
+    )
     on_bad_audio: str = field(default="skip", metadata={"help": "skip (count and report) or error"})
     on_bad_record: str = field(default="skip", metadata={"help": "skip (count and report) or raise"})
     feature_cache_items: int = field(
@@ -63,9 +66,9 @@ class EvalArguments:
     )
     eval_limit: int | None = field(default=None, metadata={"help": "evaluate on the first N test items only"})
     eval_batch_size: int = 32
-    gen_length: int = 10
-    block_length: int = 10
-    decode_steps: int = 10
+    gen_length: int = ANSWER_TOKENS
+    block_length: int = ANSWER_TOKENS
+    decode_steps: int = ANSWER_TOKENS
 
 
 @dataclass
