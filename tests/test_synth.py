@@ -118,7 +118,7 @@ def test_stage_contents(records):
             assert r["target"] == r["transcription"] and 1 <= len(r["target"].split()) <= 3
         stage2_kinds = {r["kind"] for r in records[("stage2_acoustic", split)]}
         assert "Spoken Content" not in stage2_kinds and "Caption" in stage2_kinds
-    assert {r["kind"] for r in records[("stage3_sft", "train")]} == set(QUESTION_KINDS) | {"Caption"}
+    assert {r["kind"] for r in records[("stage3_sft", "train")]} == set(QUESTION_KINDS)
     # several phrasings per kind, and some items in the multiple-choice format
     stage3 = records[("stage3_sft", "train")]
     assert any(r["input"].startswith("You are given the audio") for r in stage3)

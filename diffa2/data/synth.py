@@ -68,7 +68,7 @@ except ImportError:  # not on Windows: builds are then not serialised between pr
 
 from diffa2.data.tokenizer import ASR_INSTRUCTION, MMAU_INSTRUCTION, build_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stage-3 SFT items without captions (they stay in stage 2)
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 2.0
 DATASET_NAME = "diffa2-synth"
@@ -108,9 +108,11 @@ TEMPO_IOI_S = {"slow": (0.45, 0.55), "fast": (0.12, 0.15)}  # inter-onset interv
 BEEP_S = 0.16  # every beep lasts the same: the total sounding time is then proportional to the count
 BEEP_GAP_S = 0.2  # minimum silence between beeps (2.5 frames of the 12.5 Hz semantic adapter)
 COUNT_WORDS: tuple[str, ...] = ("one", "two", "three", "four")
-# Answer region of the embedded default, in tokens: every answer of the corpus + <|eot_id|> fits (captions are the
-# longest, 8 tokens with the corpus tokenizer); training, the stage's test and the synth benchmark all use it.
-ANSWER_TOKENS = 10
+# Answer regions of the embedded default, in tokens (answer + <|eot_id|> + EOS padding). Short on purpose: the tiny
+# diffusion LM learns its answers several times faster on a short canvas (dev/LOG.md). Stage 1 transcripts, stage
+# 3/4 answers and the test split fit in ANSWER_TOKENS; stage 2's captions (up to 8 tokens) need CAPTION_TOKENS.
+ANSWER_TOKENS = 4
+CAPTION_TOKENS = 10
 
 # ----------------------------------------------------------------------------------------------------------
 # Question kinds
@@ -164,7 +166,7 @@ QUESTION_KINDS: dict[str, QuestionKind] = {
         ),
     )
 }  # fmt: skip
-CAPTION_KIND = "Caption"  # training only (stages 2 and 3): a short description of all attributes of the clip
+CAPTION_KIND = "Caption"  # training only (stage 2): a short description of all attributes of the clip
 TRANSCRIPTION_KIND = "Transcription"  # stage 1
 CAPTION_PHRASINGS = ("Describe the audio in a few words.", "Give a short caption of the audio.")
 MC_FRACTION = 0.3  # share of stage-3/4 items asked in the MMAU multiple-choice format
@@ -477,8 +479,6 @@ def _stage_items(rng: np.random.Generator, stage: str, clips: dict[str, list[Cli
     kinds = list(QUESTION_KINDS)
     if stage == "stage2_acoustic":
         kinds = [k for k in kinds if k != "Spoken Content"] + [CAPTION_KIND]
-    elif stage == "stage3_sft":
-        kinds = kinds + [CAPTION_KIND]
     items = []
     for kind_name in _balanced(rng, kinds, n):
         if kind_name == CAPTION_KIND:
@@ -693,10 +693,13 @@ def build_synth_corpus(
         "by_kind": dict(sorted(Counter(r["sub-category"] for r in test_records).items())),
     }
 
-    # The tokenizer: corpus texts + template strings + every closed-set answer on its own.
-    texts += list(VOCABULARY) + list(COUNT_WORDS)
+    # The tokenizer: corpus texts + template strings + every closed-set answer on its own, at the start of a text
+    # and after a space, twice (BPE's min_frequency), so each is one token whatever the corpus size.
+    words = list(VOCABULARY) + list(COUNT_WORDS)
     for kind in QUESTION_KINDS.values():
-        texts += list(kind.phrasings) + list(kind.values or ())
+        texts += list(kind.phrasings)
+        words += list(kind.values or ())
+    texts += [form for w in words for form in (w, f" {w}")] * 2
     tokenizer = build_tokenizer(texts, corpus.tokenizer_dir, vocab_size=vocab_size)
 
     n_clips = {split: {f: len(v) for f, v in clips[split].items()} for split in SPLITS}

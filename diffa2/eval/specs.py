@@ -153,7 +153,7 @@ BUILTIN_SPECS: dict[str, BenchmarkSpec] = {
         extra_prediction_keys=("model_prediction",),
         predictions_file="predictions.json",
         breakdown=("sub-category", "task", "difficulty"),
-        # The lengths the embedded default is trained and tested with (its answers are at most 10 tokens; at
+        # The lengths the embedded default is trained and tested with (ANSWER_TOKENS; at
         # DIFFA-2's 16 it has never seen the extra EOS positions and scores 0 % in every mode, bench/decode.py).
         decoding=DecodeConfig.preset(DEFAULT_MODE, gen_length=ANSWER_TOKENS, block_length=ANSWER_TOKENS,
                                      steps=ANSWER_TOKENS),

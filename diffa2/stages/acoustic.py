@@ -8,11 +8,14 @@ Real DIFFA-2 recipe:
 
 from __future__ import annotations
 
+from diffa2.data.synth import CAPTION_TOKENS
 from diffa2.stages.cli import stage_main
 from diffa2.stages.runner import StageSpec
 
 SPEC = StageSpec(name="acoustic", previous="semantic")
-DEFAULTS = {"recipe": "data_recipes/synth_acoustic.yaml"}
+# Captions are the corpus's longest answers: a wider answer region than the other stages' (ANSWER_TOKENS).
+DEFAULTS = {"recipe": "data_recipes/synth_acoustic.yaml", "answer_length": CAPTION_TOKENS,
+            "gen_length": CAPTION_TOKENS, "block_length": CAPTION_TOKENS, "decode_steps": CAPTION_TOKENS}
 
 
 def main(argv: list[str] | None = None) -> dict:
