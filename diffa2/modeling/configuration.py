@@ -83,7 +83,7 @@ class DIFFA2Config:
 
     @property
     def hidden_size(self) -> int:
-        """The widest hidden state (the backbone's): DeepSpeed derives its "auto" ZeRO bucket sizes from it."""
+        """The widest hidden state (encoder or backbone): DeepSpeed sizes its "auto" ZeRO buckets from it."""
         return max(int(self.backbone["d_model"]), int(self.encoder["d_model"]))
 
     @property
