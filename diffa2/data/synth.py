@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -67,6 +66,7 @@ except ImportError:  # not on Windows: builds are then not serialised between pr
     fcntl = None
 
 from diffa2.data.tokenizer import ASR_INSTRUCTION, MMAU_INSTRUCTION, build_tokenizer
+from diffa2.io import atomic_write_text
 
 FORMAT_VERSION = 2  # 2: stage-3 SFT items without captions (they stay in stage 2)
 SAMPLE_RATE = 16000
@@ -743,10 +743,9 @@ def build_synth_corpus(
     # damaged corpus cheaply.
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
     listing = {str(p.relative_to(root)): p.stat().st_size for p in files}
-    tmp = root / (COMPLETE_MARKER + ".tmp")
-    _dump_json(tmp, {"format_version": FORMAT_VERSION, "seed": seed, "size": size, "sizes": asdict(sizes),
-                     "vocab_size": vocab_size, "files": listing})  # fmt: skip
-    os.replace(tmp, marker)
+    marker_info = {"format_version": FORMAT_VERSION, "seed": seed, "size": size, "sizes": asdict(sizes),
+                   "vocab_size": vocab_size, "files": listing}  # fmt: skip
+    atomic_write_text(marker, json.dumps(marker_info, indent=1, ensure_ascii=False) + "\n")
     return corpus
 
 

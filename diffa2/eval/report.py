@@ -18,7 +18,7 @@ from typing import Any
 from diffa2.eval.loaders import MISSING_VALUE, Record, answer_of, breakdown_value, choices_of
 from diffa2.eval.scoring import EMPTY, NULL, SCORED, UNPARSEABLE, ScoreResult, word_set
 from diffa2.eval.specs import BenchmarkSpec
-from diffa2.io import atomic_write_json, atomic_write_text
+from diffa2.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 MODE_NOTES = {
     "official": "official rule; records without a prediction are left out of the count"
@@ -223,8 +223,5 @@ def write_report(report: dict[str, Any], out_dir: str | Path, stem: str = "repor
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
     atomic_write_json(paths["json"], report)
     atomic_write_text(paths["md"], to_markdown(report, paths["png"].name))
-    png = chart_png(report)
-    tmp = paths["png"].with_name(f".{paths['png'].name}.tmp")
-    tmp.write_bytes(png)
-    tmp.replace(paths["png"])
+    atomic_write_bytes(paths["png"], chart_png(report))
     return paths
