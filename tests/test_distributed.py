@@ -1,4 +1,5 @@
-"""Multi-process training on CPU (gloo): torchrun + ZeRO-2 matches one process; ZeRO-3 saves normal checkpoints.
+"""Multi-process training on CPU (gloo): torchrun + ZeRO-2 matches one process; ZeRO-3 saves normal checkpoints;
+VRPO under ZeRO-3 (its reference a DeepSpeed engine of its own) matches one process with a FrozenReference.
 
 Each test launches 2 processes of the tiny default on the small synthetic corpus (fixed seed, a few steps) the way
 a user would, through `torch.distributed.run` (torchrun) or DeepSpeed's own launcher.
@@ -16,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_entry import every_token_masked
+from distributed_entry import alternate_answer_tokens_masked, every_token_masked
 from helpers import small_run_args
 from safetensors.torch import load_file
 
 from diffa2.diffusion import objective
 from diffa2.modeling.checkpoint import load_pretrained, stored_keys
-from diffa2.stages import sft
+from diffa2.rl import ElboEstimator
+from diffa2.stages import sft, vrpo
 from diffa2.stages.runner import REPO_ROOT
 
 ENTRY = Path(__file__).parent / "distributed_entry.py"
@@ -45,9 +47,9 @@ def launch(argv: list[str], tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 
-def loss_curve(run_dir: Path) -> list[float]:
+def loss_curve(run_dir: Path, key: str = "loss") -> list[float]:
     lines = (run_dir / "train_log.jsonl").read_text().splitlines()
-    return [entry["loss"] for entry in map(json.loads, lines) if "loss" in entry]
+    return [entry[key] for entry in map(json.loads, lines) if "loss" in entry]
 
 
 def run_args(run_dir: Path, corpus: Path, steps: int, per_device_batch: int) -> list[str]:
@@ -105,3 +107,39 @@ def test_zero3_checkpoint_consolidates_into_a_normal_checkpoint_and_resumes(tmp_
     launch([*args[:3], "--master_port", str(free_port()), *args[3:], "--resume", "true"], tmp_path)
     resumed = load_file(run / "final" / "model.safetensors")
     assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
+
+
+def test_vrpo_under_zero3_scores_like_a_frozen_reference_on_one_process(tmp_path, small_corpus, monkeypatch):
+    # The same VRPO run from the same SFT checkpoint on 1 process (reference: FrozenReference) and on 2 under ZeRO-3
+    # with DeepSpeed's launcher (reference: a DeepSpeed engine of its own over a copy of the checkpoint,
+    # vrpo.ZeRO3Reference). Global batch 4 either way (1 x 4, 2 x 2); 3 steps are one epoch of the 12 pairs. The ELBO
+    # noise is replaced by a fixed mask pattern (distributed_entry.py), so both layouts score the same masked answers
+    # and what is left is float32 reduction order: measured <= 6e-8 on the losses and <= 2e-7 on the rewards, which
+    # are ~0.1 after the first update, so a reference that followed the policy or held other weights is off by ~0.1.
+    sft.main(run_args(tmp_path / "sft", small_corpus, 2, 4))
+    flags = ["--init_from", str(tmp_path / "sft" / "final"), "--learning_rate", "1e-3", "--warmup_steps", "0",
+             "--pref_eval_samples", "2"]
+    monkeypatch.setattr(ElboEstimator, "sample", alternate_answer_tokens_masked)
+    one = vrpo.main([*run_args(tmp_path / "one", small_corpus, 3, 4), *flags])
+    launch(["deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()), str(ENTRY), "vrpo",
+            *run_args(tmp_path / "z3", small_corpus, 3, 2), *flags, "--deepspeed", str(DEEPSPEED / "zero3.json")],
+           tmp_path)
+    z3 = json.loads((tmp_path / "z3" / "summary.json").read_text())
+    # Before training, every rank scored the validation pairs with the whole policy and the partitioned reference
+    # engine: they agree (the stage refuses > 1e-3; measured 0), as on one process.
+    assert z3["before"]["preference"]["max_log_ratio"] <= 1e-5
+    assert z3["before"]["preference"] == pytest.approx(one["before"]["preference"], rel=1e-6)
+    # During training the reference's ELBOs enter every loss and reward.
+    for key, tolerance in (("loss", {"rel": 1e-5}), ("rewards/chosen", {"abs": 1e-5}),
+                           ("rewards/rejected", {"abs": 1e-5})):
+        a, b = loss_curve(tmp_path / "one", key), loss_curve(tmp_path / "z3", key)
+        assert len(a) == len(b) == z3["steps"] == 3 and a == pytest.approx(b, **tolerance), (key, a, b)
+    assert min(map(abs, loss_curve(tmp_path / "z3", "rewards/chosen")[1:])) > 0.05
+    # final/ is a normal checkpoint. The main process evaluated it after training on its own: the whole policy
+    # reloaded from final/, the reference its snapshot of the checkpoint (FrozenReference), as on one process.
+    assert set(load_pretrained(tmp_path / "z3" / "final").state_dict()) >= set(
+        load_file(tmp_path / "one" / "final" / "model.safetensors"))
+    after = z3["preference"]
+    assert after["max_log_ratio"] > 0.1 and after["reward_margin"] != 0
+    assert after["max_log_ratio"] == pytest.approx(one["preference"]["max_log_ratio"], rel=1e-3)
+    assert after["reward_margin"] == pytest.approx(one["preference"]["reward_margin"], abs=1e-5)

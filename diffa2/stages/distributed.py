@@ -1,12 +1,22 @@
-"""Multi-process glue of the stages: process groups on CPU-only machines, and whole weights under ZeRO-3."""
+"""Multi-process glue: process groups on CPU-only machines; whole weights and extra engines under ZeRO-3."""
 
 from __future__ import annotations
 
+import copy
 import os
 from datetime import timedelta
 
 import torch
+from torch import nn
 from transformers import Trainer
+
+# The DeepSpeed settings transformers sizes from the model's hidden size when their value is "auto", and how
+# (`HfTrainerDeepSpeedConfig.trainer_config_finalize`; TRL's `DPOTrainer._prepare_deepspeed` sets the same three).
+HIDDEN_SIZE_AUTO = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
 
 
 def cpu_multiprocess() -> bool:
@@ -41,3 +51,34 @@ def full_state_dict(trainer: Trainer) -> dict[str, torch.Tensor] | None:
     if not zero3_enabled(trainer):
         return None
     return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
+def inference_config(config: dict, hidden_size: int) -> dict:
+    """A copy of a training DeepSpeed `config` for an engine that only runs forwards.
+
+    No optimizer or scheduler; ZeRO stage, bf16 and batch sizes stay as they are. The "auto" bucket sizes are
+    resolved from `hidden_size`: transformers fills them in the policy's config only when training starts.
+    """
+    config = copy.deepcopy(config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    zero = config.get("zero_optimization", {})
+    for key, size in HIDDEN_SIZE_AUTO.items():
+        if zero.get(key) == "auto":
+            zero[key] = size(hidden_size)
+    return config
+
+
+def inference_engine(model: nn.Module, trainer: Trainer) -> nn.Module:
+    """`model` as a DeepSpeed engine of its own, configured like `trainer`'s (ZeRO-3: partitioned), in eval mode.
+
+    For a second, frozen model beside the trained one, as TRL's `DPOTrainer._prepare_deepspeed` builds its reference
+    model. Collective under ZeRO-3 (every rank calls it, and later every forward of the engine), and it partitions
+    `model`'s parameters in place. Call it after `Trainer.__init__` (which sets up the DeepSpeed config).
+    """
+    import deepspeed
+
+    config = inference_config(trainer.accelerator.state.deepspeed_plugin.deepspeed_config, model.config.hidden_size)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()  # DeepSpeedEngine.eval returns None, unlike nn.Module.eval
+    return engine

@@ -17,6 +17,13 @@ runs the policy's own module with those tensors swapped in (`torch.func.function
 mode), so the frozen Whisper and LLaDA weights exist once. The reference is the stage-3 model *with* its LoRA and
 adapters, so "the policy with LoRA disabled" would be the wrong reference.
 
+Under DeepSpeed ZeRO-3 the policy's parameters are partitioned across ranks, so there is no whole module to swap
+tensors into: `ZeRO3Reference` is a copy of the model as loaded, made its own DeepSpeed inference engine with the same
+ZeRO-3 partitioning (as TRL's DPOTrainer builds its reference). Its forwards are collective, so every rank runs the
+same policy and reference forwards in lockstep. The evaluation after training runs on the main process alone: on
+the whole policy reloaded from `final/`, its reference a `FrozenReference` over that reload holding the trainable
+tensors as loaded (`ZeRO3Reference.over`). `make_reference` picks the kind.
+
 Embedded default (tiny model, synthetic preference pairs, CPU; needs the default SFT's checkpoint runs/sft/final):
     python -m diffa2.stages.sft && python -m diffa2.stages.vrpo
 It prints the preference accuracy on the validation pairs and the synthetic test accuracy, before -> after.
@@ -26,6 +33,7 @@ Real DIFFA-2 recipe (the stage-3 checkpoint records its Whisper and LLaDA source
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from transformers import Trainer
 
 from diffa2.config import parse_config
 from diffa2.data.collate import PairBatch, PairCollator, PairExample
 from diffa2.data.dataset import PreferenceDataset
 from diffa2.data.recipe import load_split
+from diffa2.modeling.model import DIFFA2Model
 from diffa2.rl import ElboEstimator, VRPOConfig, elbo_terms, get_likelihood_estimator, get_preference_loss
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
+from diffa2.stages.distributed import inference_engine, zero3_enabled
 from diffa2.stages.runner import DIFFA2Trainer, SFTStage, StageSpec, previous_checkpoint
 
 VRPO_LOSS = get_preference_loss("vrpo")
@@ -85,13 +96,16 @@ class FrozenReference:
 
     Calling it runs `model`'s forward with those tensors in place of the current ones, without gradients and in eval
     mode (no dropout, as DIFFA-2's reference). The copy follows the model's device and dtype on first use (so it is
-    bf16 where DeepSpeed casts the model to bf16). Parameters must be whole on every rank: ZeRO-1/2 and DDP, not
-    ZeRO-3.
+    bf16 where DeepSpeed casts the model to bf16). Parameters must be whole where it runs: one process, DDP,
+    ZeRO-1/2, or the main process's reload of a ZeRO-3 run's `final/` (`over`); during ZeRO-3 training the
+    reference is a `ZeRO3Reference`.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.model = model
-        self.tensors = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        if tensors is None:
+            tensors = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        self.tensors = tensors
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         params = dict(self.model.named_parameters())
@@ -105,12 +119,51 @@ class FrozenReference:
         finally:
             self.model.train(was_training)
 
+    def over(self, model: nn.Module) -> FrozenReference:
+        """The same frozen tensors swapped into `model`: the reference for a reload of the policy (same modules)."""
+        return FrozenReference(model, dict(self.tensors))
+
+
+class ZeRO3Reference:
+    """π_ref under ZeRO-3: a copy of the model as loaded, its own DeepSpeed inference engine (see the module docstring).
+
+    ZeRO-3 partitions the policy's parameters, so `FrozenReference` has nothing whole to swap its tensors into. Here
+    the copy is partitioned the same way and runs in eval mode under `no_grad`; every call is collective (all ranks
+    make it together). The main process also keeps a `FrozenReference` snapshot of the trainable tensors, for its
+    evaluation after training on the whole policy reloaded from `final/` (`over`).
+    """
+
+    def __init__(self, model: nn.Module, trainer: Trainer) -> None:
+        self.snapshot = FrozenReference(model) if trainer.is_world_process_zero() else None
+        self.engine = inference_engine(copy.deepcopy(model).requires_grad_(False), trainer)
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        with torch.no_grad():
+            return self.engine(*args, **kwargs)
+
+    def over(self, model: nn.Module) -> FrozenReference:
+        """The reference as a `FrozenReference` of `model`, the whole policy on the main process after training."""
+        if self.snapshot is None:
+            raise RuntimeError("only the main process keeps the reference's snapshot for evaluation")
+        return self.snapshot.over(model)
+
+
+Reference = FrozenReference | ZeRO3Reference
+
+
+def make_reference(model: nn.Module, trainer: Trainer) -> Reference:
+    """π_ref for `trainer`'s policy `model` as it is now (before any step): its own engine under ZeRO-3, else shared.
+
+    Call it after `Trainer.__init__` and before `train()`, which partitions `model` under ZeRO-3.
+    """
+    return ZeRO3Reference(model, trainer) if zero3_enabled(trainer) else FrozenReference(model)
+
 
 def answer_logprobs(model, batch: PairBatch, masks: torch.Tensor, mask_id: int) -> torch.Tensor:
     """Log-probabilities `(n, 2P, La)` of the true answer tokens under `masks (n, 2P, La)` (True = [MASK]).
 
     Rows are the P chosen answers, then the P rejected ones. All n·2P masked answers go through one call of `model`
-    (a DIFFA-2 model, a distributed wrapper of one, or a `FrozenReference`), which computes each pair's speech and
+    (a DIFFA-2 model, a distributed wrapper of one, or a `Reference`), which computes each pair's speech and
     prompt prefix once and shares it among its 2n answers.
     """
     answers = batch.answers
@@ -152,7 +205,7 @@ class PairElbos:
 
 def pair_elbos(
     policy,
-    reference: FrozenReference,
+    reference: Reference,
     batch: PairBatch,
     estimator: ElboEstimator,
     mask_id: int,
@@ -199,13 +252,9 @@ class VRPOTrainer(DIFFA2Trainer):
     `vrpo/score_variance` (mean over pairs of Var(ŝ), see `PairElbos.score_variance`).
     """
 
-    def __init__(self, *args, chat, reference: FrozenReference, vrpo: VRPOArguments, **kwargs) -> None:
+    def __init__(self, *args, chat, vrpo: VRPOArguments, **kwargs) -> None:
         super().__init__(*args, chat=chat, **kwargs)
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
-            raise ValueError("VRPO swaps the reference's tensors into the policy's module: ZeRO-3 partitions them; "
-                             "use ZeRO-1 or ZeRO-2 (stages/deepspeed/zero1_offload.json)")
-        self.reference = reference
+        self.reference = make_reference(self.model, self)  # the model as loaded: the stage-3 checkpoint
         self.vrpo = vrpo
         self.estimator = vrpo.estimator()
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -236,7 +285,7 @@ class VRPOTrainer(DIFFA2Trainer):
 @torch.no_grad()
 def evaluate_preferences(
     model: nn.Module,
-    reference: FrozenReference,
+    reference: Reference,
     examples: list[PairExample],
     collator: PairCollator,
     estimator: ElboEstimator,
@@ -325,18 +374,23 @@ class VRPOStage(SFTStage):
         return PreferenceDataset(items, self.max_seconds, on_bad_audio=self.data_args.on_bad_audio)
 
     def make_trainer(self) -> VRPOTrainer:
-        self.reference = FrozenReference(self.model)  # the model as loaded: the stage-3 checkpoint
         collator = PairCollator(self.chat, self.qa.featurizer, answer_length=self.data_args.answer_length,
                                 feature_cache_items=self.data_args.feature_cache_items)
-        return VRPOTrainer(
+        trainer = VRPOTrainer(
             model=self.model,
             args=self.train_args,
             train_dataset=self.dataset,
             data_collator=lambda examples: vars(collator(examples)),
             chat=self.chat,
-            reference=self.reference,
             vrpo=self.vrpo_args,
         )
+        self.reference = trainer.reference
+        return trainer
+
+    def use_model(self, model: DIFFA2Model) -> None:
+        """Evaluate `model` from now on, against the same reference (under ZeRO-3: the reloaded `final/`)."""
+        super().use_model(model)
+        self.reference = self.reference.over(model)
 
     def preference_accuracy(self) -> dict | None:
         if not self.validation_pairs:
@@ -348,7 +402,10 @@ class VRPOStage(SFTStage):
                                     batch_size=args.pref_eval_batch_size, seed=self.train_args.seed)
 
     def measure(self) -> dict:
-        """Preference accuracy on the validation pairs and synthetic test accuracy of the model as it is now."""
+        """Preference accuracy on the validation pairs and synthetic test accuracy of the model as it is now.
+
+        Every process runs it before training, in lockstep: a `ZeRO3Reference`'s forwards are collective.
+        """
         self.model.to(self.train_args.device)  # with DeepSpeed, Trainer moves the model only when training starts
         measured = {"preference": self.preference_accuracy()}
         if self.eval_args.test_file:
@@ -364,6 +421,7 @@ class VRPOStage(SFTStage):
         self.train()
         self.save()
         self.evaluate()
+        # the main process alone: under ZeRO-3, save() left it the whole reloaded policy and a FrozenReference of it
         self.summary["preference"] = self.preference_accuracy() if self.trainer.is_world_process_zero() else None
         return self.report()
 
