@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train test test-fast lint clean
+.PHONY: setup train curriculum test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ $(VENV)/.installed: pyproject.toml
 
 train: setup
 	$(PY) -m diffa2.stages.sft
+
+# Stages 1 -> 4 of the embedded default, each from the previous one's checkpoint (runs/<stage>/final).
+curriculum: setup
+	$(PY) -m diffa2.stages.curriculum
 
 # Every test, the slow end-to-end ones included (CI runs this).
 test: setup

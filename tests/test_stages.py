@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,8 +11,11 @@ from helpers import small_run_args
 from safetensors.torch import load_file
 
 from diffa2.config import parse_config, read_yaml_config
+from diffa2.data.synth import format_mc_prompt
+from diffa2.diffusion.decoding import DecodeConfig
 from diffa2.stages import acoustic, semantic, sft
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
+from diffa2.stages.evaluate import evaluate_multiple_choice
 from diffa2.stages.runner import REPO_ROOT, SFTStage
 
 ARG_TYPES = (ModelArguments, DataArguments, EvalArguments, StageTrainingArguments)
@@ -80,7 +84,38 @@ def test_curriculum_chains_stages_and_writes_reports(tmp_path, small_corpus, cap
         summary = json.loads((runs / stage / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["skipped_items"] == 0
     assert 0 <= s3["test"]["accuracy"] <= 100 and s3["test"]["total"] == 4
+    # stages 1-2 train on plain questions and are asked that way; stage 3 with MMAU's multiple-choice prompt
+    assert [s["test"]["prompt"] for s in (s1, s2, s3)] == ["question", "question", "choices"]
     assert "synthetic test accuracy" in capsys.readouterr().out
+
+
+class ScriptedQA:
+    """Stands in for AudioQA: records the prompts and answers from a script."""
+
+    def __init__(self) -> None:
+        self.model = SimpleNamespace(config=SimpleNamespace(window_seconds=4.0))
+        self.prompts, self.script = [], []
+
+    def answer(self, waves, prompts, decode):
+        self.prompts += prompts
+        return SimpleNamespace(texts=[self.script.pop(0) for _ in prompts])
+
+
+@pytest.mark.parametrize("prompt", ["choices", "question"])
+def test_test_split_is_asked_with_the_chosen_prompt_and_scored_against_the_choices(small_corpus, prompt):
+    records = json.loads((small_corpus / "test_mmau.json").read_text())[:6]
+    qa = ScriptedQA()
+    # Item 0 answered with its answer, item 1 with a wrong choice, item 2 with text matching no choice, the rest right.
+    wrong = next(c for c in records[1]["choices"] if c != records[1]["answer"])
+    qa.script = [records[0]["answer"], wrong, "purple elephant", *(r["answer"] for r in records[3:])]
+    result = evaluate_multiple_choice(qa, small_corpus / "test_mmau.json", DecodeConfig(), limit=6, prompt=prompt)
+    assert result["prompt"] == prompt and result["total"] == 6
+    assert result["accuracy"] == pytest.approx(100 * 4 / 6)
+    expected = [format_mc_prompt(r["question"], r["choices"]) if prompt == "choices" else r["question"]
+                for r in records]
+    assert qa.prompts == expected
+    with pytest.raises(ValueError, match="test prompt 'letters'"):
+        evaluate_multiple_choice(qa, small_corpus / "test_mmau.json", DecodeConfig(), limit=6, prompt="letters")
 
 
 def test_audio_path_learning_rate_multiplier(tmp_path, small_corpus):

@@ -13,9 +13,11 @@ from diffa2.stages.cli import stage_main
 from diffa2.stages.runner import StageSpec
 
 SPEC = StageSpec(name="acoustic", previous="semantic")
-# Captions are the corpus's longest answers: a wider answer region than the other stages' (ANSWER_TOKENS).
-DEFAULTS = {"recipe": "data_recipes/synth_acoustic.yaml", "answer_length": CAPTION_TOKENS,
-            "gen_length": CAPTION_TOKENS, "block_length": CAPTION_TOKENS, "decode_steps": CAPTION_TOKENS}
+# Captions are the corpus's longest answers: a wider answer region than the other stages' (ANSWER_TOKENS). The test
+# split is asked with the plain question, as this stage trains (it never sees MMAU's multiple-choice prompt).
+DEFAULTS = {"recipe": "data_recipes/synth_acoustic.yaml", "answer_length": CAPTION_TOKENS, "max_steps": 800,
+            "gen_length": CAPTION_TOKENS, "block_length": CAPTION_TOKENS, "decode_steps": CAPTION_TOKENS,
+            "test_prompt": "question"}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from transformers import TrainingArguments
 
@@ -67,6 +68,11 @@ class EvalArguments:
         default="{synth}/test_mmau.json", metadata={"help": "MMAU-format test split evaluated after training"}
     )
     eval_limit: int | None = field(default=None, metadata={"help": "evaluate on the first N test items only"})
+    test_prompt: Literal["choices", "question"] = field(
+        default="choices",
+        metadata={"help": "choices (MMAU's prompt with the lettered choices) or question (the question alone, as "
+                          "stages 1-2 train); both scored with MMAU's rule against the choices"},
+    )
     eval_batch_size: int = 32
     gen_length: int = ANSWER_TOKENS
     block_length: int = ANSWER_TOKENS

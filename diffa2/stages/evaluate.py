@@ -21,10 +21,25 @@ def _batches(items: list, size: int):
         yield items[start : start + size]
 
 
+TEST_PROMPTS = ("choices", "question")
+
+
 def evaluate_multiple_choice(
-    qa: AudioQA, test_file: str | Path, decode: DecodeConfig, *, limit: int | None = None, batch_size: int = 32
+    qa: AudioQA,
+    test_file: str | Path,
+    decode: DecodeConfig,
+    *,
+    limit: int | None = None,
+    batch_size: int = 32,
+    prompt: str = "choices",
 ) -> dict:
-    """Decode every MMAU-format item and score it with MMAU's official rule; accuracy overall and per sub-category."""
+    """Decode every MMAU-format item and score it with MMAU's official rule; accuracy overall and per sub-category.
+
+    `prompt`: "choices" asks with MMAU's prompt (question and lettered choices), "question" with the question alone
+    (what stages 1-2 train on); the answer is scored against the choices either way.
+    """
+    if prompt not in TEST_PROMPTS:
+        raise ValueError(f"test prompt {prompt!r}: expected one of {TEST_PROMPTS}")
     test_file = Path(test_file)
     records = json.loads(test_file.read_text())[:limit]
     per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -32,7 +47,8 @@ def evaluate_multiple_choice(
     window = qa.model.config.window_seconds
     for batch in tqdm(list(_batches(records, batch_size)), desc="test", unit="batch", leave=False):
         waves = [trim_to_window(load_audio(test_file.parent / r["audio_id"]), window)[0] for r in batch]
-        prompts = [format_mc_prompt(r["question"], r["choices"]) for r in batch]
+        prompts = [format_mc_prompt(r["question"], r["choices"]) if prompt == "choices" else r["question"]
+                   for r in batch]
         answers = qa.answer(waves, prompts, decode)
         for record, text in zip(batch, answers.texts, strict=True):
             kind = record["sub-category"]
@@ -42,6 +58,7 @@ def evaluate_multiple_choice(
     correct = sum(c for c, _ in per_kind.values())
     total = sum(t for _, t in per_kind.values())
     return {
+        "prompt": prompt,
         "accuracy": 100 * correct / max(total, 1),
         "chance": 100 * sum(chance.values()) / max(total, 1),
         "total": total,

@@ -375,7 +375,8 @@ class SFTStage:
         args = self.eval_args
         test_file = Path(args.test_file.replace("{synth}", str(self.synth_dir)))
         return evaluate_multiple_choice(
-            self.qa, test_file, self.decode_config(), limit=args.eval_limit, batch_size=args.eval_batch_size
+            self.qa, test_file, self.decode_config(), limit=args.eval_limit, batch_size=args.eval_batch_size,
+            prompt=args.test_prompt,
         )
 
     def report(self) -> dict:
@@ -413,7 +414,9 @@ def print_summary(summary: dict, output_dir: Path) -> None:
         print(f"transcription WER on validation: {summary['validation_wer']:.1f}%")
     if "test" in summary:
         test = summary["test"]
-        print(f"synthetic test accuracy: {test['accuracy']:.1f}% (chance {test['chance']:.1f}%), {test['total']} items")
+        asked = "the question alone" if test.get("prompt") == "question" else "MMAU's prompt with the choices"
+        print(f"synthetic test accuracy: {test['accuracy']:.1f}% (chance {test['chance']:.1f}%), "
+              f"{test['total']} items, asked with {asked}")
         for kind, row in test["per_kind"].items():
             print(f"  {kind:<18} {row['accuracy']:5.1f}%  (chance {row['chance']:.1f}%, n={row['total']})")
     print(f"checkpoint: {summary['checkpoint']}\nloss curve: {output_dir / 'loss.png'}; "
