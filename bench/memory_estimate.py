@@ -121,10 +121,14 @@ def main() -> None:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
         largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-        reference = 2 * trainable if stage.name.startswith("4") else 0  # VRPO's frozen copy of trained tensors
+        vrpo = stage.name.startswith("4")
         for gpus in sorted({8, 8 * stage.nodes}):
             states = {z: model_states(trainable, frozen, largest, gpus, z) for z in ("zero1_offload", "zero2", "zero3")}
-            gpu = {z: s[0] + reference for z, s in states.items()}
+            # VRPO's reference: a bf16 copy of the trained tensors (ZeRO-1/2), or under ZeRO-3 a whole second model
+            # partitioned like the policy (diffa2.stages.vrpo.ZeRO3Reference)
+            reference = {"zero1_offload": 2 * trainable, "zero2": 2 * trainable,
+                         "zero3": 2 * (trainable + frozen) / gpus} if vrpo else {}
+            gpu = {z: s[0] + reference.get(z, 0) for z, s in states.items()}
             act, act_ckpt = activation_bytes(stage, model, False), activation_bytes(stage, model, True)
             print(f"| {stage.name} | {trainable / 1e6:.1f} M | {frozen / 1e9:.2f} B | {gpus} | "
                   f"{stage.per_device_batch}{' pair' if stage.sequences_per_item > 1 else ''} | "

@@ -404,8 +404,12 @@ class VRPOStage(SFTStage):
     def measure(self) -> dict:
         """Preference accuracy on the validation pairs and synthetic test accuracy of the model as it is now.
 
-        Every process runs it before training, in lockstep: a `ZeRO3Reference`'s forwards are collective.
+        Every process runs it before training, in lockstep: a `ZeRO3Reference`'s forwards are collective. It needs
+        the whole policy on each device; with neither validation pairs nor a test file it measures nothing and
+        leaves the model where it is (for ZeRO-3 runs whose model fits no single device).
         """
+        if not self.validation_pairs and not self.eval_args.test_file:
+            return {"preference": None}
         self.model.to(self.train_args.device)  # with DeepSpeed, Trainer moves the model only when training starts
         measured = {"preference": self.preference_accuracy()}
         if self.eval_args.test_file:
