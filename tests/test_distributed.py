@@ -57,22 +57,27 @@ def run_args(run_dir: Path, corpus: Path, steps: int, per_device_batch: int) -> 
                                                    "--save_steps", str(steps), "--test_file", ""])
 
 
-def test_zero2_on_two_processes_follows_the_one_process_loss_curve(tmp_path, small_corpus, monkeypatch):
-    # Global batch 4 either way: 1 process x 4, or 2 processes x 2 under torchrun + ZeRO-2. 10 steps cross the
+@pytest.mark.parametrize("config", ["zero2.json", "zero1_offload.json"])
+def test_two_processes_follow_the_one_process_loss_curve(tmp_path, small_corpus, monkeypatch, config):
+    # Global batch 4 either way: 1 process x 4, or 2 processes x 2 under torchrun + ZeRO. 10 steps cross the
     # epoch boundary of the 28-item corpus at step 7 (28 = 7 x 4: no padded last batch, which 2 ranks would fill
     # with repeated items). The mask noise is removed (see distributed_entry.py): with random masks the ranks
     # draw other masks than the single process does and the curves differ by sampling noise alone (measured with
     # global batch 8, 8 steps: 0.05 % at step 1, where the weights are still identical, up to 4.9 % later).
     # Tolerance 1e-5 relative: what is left is float32 reduction order (all-reduce of two half-batch gradient
     # means vs one mean; measured <= 1e-7, 100x below), while any mistake in data sharding, gradient averaging or
-    # batch size shows at >= 1e-3 (a padded last batch alone moved the curve by 1 %).
+    # batch size shows at >= 1e-3 (a padded last batch alone moved the curve by 1 %). zero1_offload.json runs the
+    # optimizer step on the CPU with DeepSpeedCPUAdam (AdamW mode, JIT-compiled on first use) instead of torch's
+    # AdamW: the same update rule, so the same tolerances hold.
     monkeypatch.setattr(objective, "forward_process", every_token_masked)
     one = sft.main(run_args(tmp_path / "one", small_corpus, 10, 4))
     launch(["torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(ENTRY), "sft",
-            *run_args(tmp_path / "two", small_corpus, 10, 2), "--deepspeed", str(DEEPSPEED / "zero2.json")],
+            *run_args(tmp_path / "two", small_corpus, 10, 2), "--deepspeed", str(DEEPSPEED / config)],
            tmp_path)
     a, b = loss_curve(tmp_path / "one"), loss_curve(tmp_path / "two")
     assert len(a) == len(b) == one["steps"] == 10
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (one["optimizer"], two["optimizer"]) == ("AdamW", "DeepSpeedCPUAdam" if "offload" in config else "AdamW")
     assert a == pytest.approx(b, rel=1e-5), list(zip(a, b, strict=True))
     wa = load_file(tmp_path / "one" / "final" / "model.safetensors")
     wb = load_file(tmp_path / "two" / "final" / "model.safetensors")

@@ -330,6 +330,7 @@ class SFTStage:
             skipped_items=len(self.dataset.stats.skipped) + len(self.record_problems),
             skipped_steps=skipped_steps(self.trainer.state.log_history),
             trimmed_items=len(self.dataset.stats.trimmed),
+            optimizer=optimizer_name(self.trainer.optimizer),
         )
 
     def save(self) -> Path:
@@ -390,6 +391,14 @@ class SFTStage:
         atomic_write_json(self.output_dir / "summary.json", self.summary)
         print_summary(self.summary, self.output_dir)
         return self.summary
+
+
+def optimizer_name(optimizer) -> str:
+    """The class of the optimizer that updates the weights, under the wrappers of accelerate and DeepSpeed ZeRO
+    (each keeps the one it wraps as `.optimizer`): e.g. AdamW, or DeepSpeedCPUAdam with an offloaded optimizer."""
+    while getattr(optimizer, "optimizer", None) is not None:
+        optimizer = optimizer.optimizer
+    return type(optimizer).__name__
 
 
 def run_stage(spec: StageSpec, model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArguments,
