@@ -595,7 +595,7 @@ def chance_accuracy(records: Iterable[dict]) -> dict:
 
 
 def _dump_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def _dump_manifest(path: Path, records: list[dict]) -> None:
@@ -745,7 +745,7 @@ def build_synth_corpus(
     listing = {str(p.relative_to(root)): p.stat().st_size for p in files}
     marker_info = {"format_version": FORMAT_VERSION, "seed": seed, "size": size, "sizes": asdict(sizes),
                    "vocab_size": vocab_size, "files": listing}  # fmt: skip
-    atomic_write_text(marker, json.dumps(marker_info, indent=1, ensure_ascii=False) + "\n")
+    _dump_json(marker, marker_info)
     return corpus
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from transformers import TrainingArguments
 
 from diffa2.data.synth import ANSWER_TOKENS
 from diffa2.stages.distributed import cpu_multiprocess, gloo_deepspeed_state
+from diffa2.stages.evaluate import TestPrompt
 
 
 @dataclass
@@ -68,7 +68,7 @@ class EvalArguments:
         default="{synth}/test_mmau.json", metadata={"help": "MMAU-format test split evaluated after training"}
     )
     eval_limit: int | None = field(default=None, metadata={"help": "evaluate on the first N test items only"})
-    test_prompt: Literal["choices", "question"] = field(
+    test_prompt: TestPrompt = field(
         default="choices",
         metadata={"help": "choices (MMAU's prompt with the lettered choices) or question (the question alone, as "
                           "stages 1-2 train); both scored with MMAU's rule against the choices"},

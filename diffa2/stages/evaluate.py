@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Literal, get_args
 
 import jiwer
 from tqdm import tqdm
@@ -21,7 +22,8 @@ def _batches(items: list, size: int):
         yield items[start : start + size]
 
 
-TEST_PROMPTS = ("choices", "question")
+TestPrompt = Literal["choices", "question"]  # MMAU's prompt with the lettered choices, or the question alone
+TEST_PROMPTS: tuple[str, ...] = get_args(TestPrompt)
 
 
 def evaluate_multiple_choice(
@@ -31,7 +33,7 @@ def evaluate_multiple_choice(
     *,
     limit: int | None = None,
     batch_size: int = 32,
-    prompt: str = "choices",
+    prompt: TestPrompt = "choices",
 ) -> dict:
     """Decode every MMAU-format item and score it with MMAU's official rule; accuracy overall and per sub-category.
 
