@@ -31,6 +31,9 @@ from diffa2.data.synth import DEFAULT_CORPUS_DIR, ensure_synth_corpus, format_mc
 from diffa2.diffusion.decoding import PRESETS, DecodeConfig
 from diffa2.eval.scoring import wordset_match
 from diffa2.inference import AudioQA
+from diffa2.modeling.configuration import COMPAT_MODES
+from diffa2.threads import add_threads_option, apply_threads
+from diffa2.validation import parse_checked
 
 NO_CHECKPOINT = """no checkpoint at {path}. Train the embedded default first, e.g.
     make train                                                    # writes runs/sft/final (about 5 min on 2 CPU cores)
@@ -117,7 +120,8 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="runs/sft/final", help="DIFFA-2 checkpoint (default: runs/sft/final)")
     parser.add_argument("--data", help=f"MMAU-format test file (default: the synthetic corpus at {DEFAULT_CORPUS_DIR})")
@@ -128,18 +132,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="presets to compare; the first is the baseline (default: reference parallel cache fast)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compat", choices=COMPAT_MODES,
+                        help="toolkit or reference (DIFFA-2's released inference code); default: the checkpoint's")
     parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args(argv)
+    add_threads_option(parser)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_checked(build_parser(), argv)
+    apply_threads(args.threads)
     if not (Path(args.checkpoint) / "config.json").is_file():
         print(NO_CHECKPOINT.format(path=args.checkpoint), file=sys.stderr)
         return 2
-    qa = AudioQA.from_checkpoint(args.checkpoint, device=args.device)
+    qa = AudioQA.from_checkpoint(args.checkpoint, device=args.device, compat=args.compat)
     test_file = Path(args.data) if args.data else ensure_synth_corpus(DEFAULT_CORPUS_DIR).test_mmau
     items = load_items(test_file, qa.model.config.window_seconds, args.limit)
     print(f"checkpoint {args.checkpoint} | data {test_file} ({len(items)} items) | batch {args.batch_size} | "
           f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"{platform.processor() or platform.machine()} | greedy, steps = gen length")  # fmt: skip
+          f"{platform.processor() or platform.machine()} | greedy, steps = gen length | "
+          f"compat {qa.model.config.compat}")  # fmt: skip
     results = []
     for gen_length in args.gen_lengths:
         base = DecodeConfig(gen_length=gen_length, block_length=min(args.block_length, gen_length), steps=gen_length)
@@ -153,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"gen_length": gen_length, "config": {s: asdict(c) for s, c in configs.items()}, "rows": rows})
     if args.json:
         Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "items": len(items),
-                                               "results": results}, indent=2) + "\n")  # fmt: skip
+                                               "compat": qa.model.config.compat, "results": results},
+                                              indent=2) + "\n")  # fmt: skip
     return 0
 
 

@@ -1,18 +1,19 @@
 """Scoring parity on the full MMAU test-mini and MMAR metadata: diffa2.eval vs. an independent re-implementation.
 
-    python bench/eval_parity.py [/work/shared/benchmarks]
+    python bench/eval_parity.py DIR   # DIR: mmau-test-mini.json (Sakshi113/MMAU), MMAR-meta.jsonl (ddlBoJack/MMAR)
 
 For every record and each of several prediction variants (exact text, lower/upper case, letter only, "(X) text",
 "X. text", "The answer is text.", "The answer is X.", two options named, empty, punctuation, markdown, all
 options listed, <answer> tags, a wrong option, missing key, a seeded mix), it writes the predictions file in the
 official format, scores it with ``python -m diffa2.eval score`` machinery and with ``reference_wordset`` below (a
-plain loop written from the rule in benchmarks.md §1.2, sharing no code with diffa2.eval), and checks that both
-agree on every item. It prints accuracy per variant (official and normalized modes) and the oracle table of
-benchmarks.md §1.2 for comparison. Needs the shared metadata, so it is a script, not a test.
+plain loop written from the rule of MMAU's evaluation.py, sharing no code with diffa2.eval), and checks that both
+agree on every item. It prints accuracy per variant (official and normalized modes) and an oracle table of the
+official rule for comparison. Needs the full benchmark metadata, so it is a script, not a test.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 from diffa2.eval.loaders import read_predictions, validate, write_predictions
 from diffa2.eval.scoring import score_records
 from diffa2.eval.specs import BUILTIN_SPECS
+from diffa2.validation import parse_checked
 
 
 def reference_wordset(prediction: str, answer: str, choices: list[str]) -> bool:
@@ -116,19 +118,27 @@ def run(name: str, records: list[dict], out_dir: Path) -> list[str]:
     return lines
 
 
-def main(shared: Path) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmarks", type=Path, help="folder with mmau-test-mini.json and MMAR-meta.jsonl")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     import tempfile
 
+    shared = parse_checked(build_parser(), argv).benchmarks
     mmau = json.loads((shared / "mmau-test-mini.json").read_text(encoding="utf-8"))
     lines = (shared / "MMAR-meta.jsonl").read_text(encoding="utf-8").splitlines()
     mmar = [json.loads(line) for line in lines if line.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         for line in run("mmau", mmau, Path(tmp)) + run("mmar", mmar, Path(tmp)):
             print(line)
-    print("benchmarks.md §1.2 oracle table (MMAU / MMAR): exact 100.0/100.0, '(X) text' or 'X. text' 96.7/98.5, "
+    print("oracle table of the official rule (MMAU / MMAR): exact 100.0/100.0, '(X) text' or 'X. text' 96.7/98.5, "
           "'The answer is text.' 90.7/91.0, letter only 0.2/0.0, text + all options 0.1/1.2")  # fmt: skip
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/benchmarks")))
+    sys.exit(main())

@@ -17,6 +17,7 @@ fragmentation, communication buckets and temporary buffers.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,8 @@ from diffa2.modeling.adapters import DOWNSAMPLE
 from diffa2.modeling.backbone import llada_config
 from diffa2.modeling.configuration import WHISPER_LARGE_V3, WHISPER_LARGE_V3_TAPS, DIFFA2Config, LoraSettings
 from diffa2.modeling.model import DIFFA2Model
+from diffa2.threads import add_threads_option, apply_threads
+from diffa2.validation import parse_checked
 
 GB = 1e9
 PROMPT_TOKENS = 48  # chat template + system prompt + question (LLaMA-3 style), an assumption
@@ -48,7 +51,7 @@ class Stage:
     lora: bool
     per_device_batch: int
     sequences_per_item: int  # VRPO: chosen + rejected, 4 Monte-Carlo masks each, all with gradients
-    nodes: int  # DIFFA-2's layout (diffa2-model.md §4.2), 8 GPUs per node
+    nodes: int  # DIFFA-2's layout (docs/model.md §4.2), 8 GPUs per node
 
 
 STAGES = [
@@ -65,7 +68,7 @@ def real_model(stage: Stage) -> DIFFA2Model:
                             mask_token_id=126336, eos_token_id=126081)
     encoder = WhisperConfig(**WHISPER_LARGE_V3).to_dict()
     config = DIFFA2Config(encoder=encoder, backbone=backbone, encoder_source="whisper", backbone_source="llada",
-                          tap_layers=list(WHISPER_LARGE_V3_TAPS), qformer_heads=20, stage=stage.speech_path)
+                          tap_layers=list(WHISPER_LARGE_V3_TAPS), qformer_heads=20, speech_path=stage.speech_path)
     with torch.device("meta"):
         model = DIFFA2Model(config)
         if stage.lora:
@@ -111,7 +114,15 @@ def model_states(trainable: int, frozen: int, largest: int, gpus: int, zero: str
     return gpu + 2 * frozen / gpus, cpu
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_threads_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    apply_threads(parse_checked(build_parser(), argv).threads)
     print("| stage | trainable | frozen | GPUs | per-GPU batch | model states ZeRO-1 offload / ZeRO-2 / ZeRO-3 "
           "(GB per GPU) | activations, no ckpt / ckpt (GB) | total ZeRO-1 offload, no ckpt / ckpt (GB) "
           "| CPU RAM per node, ZeRO-1 offload (GB) |")

@@ -38,6 +38,8 @@ from diffa2.modeling.model import DIFFA2Model
 from diffa2.modeling.presets import tiny_config
 from diffa2.rl import ElboEstimator, VRPOConfig, paired_elbo
 from diffa2.stages.vrpo import PairElbos, answer_logprobs
+from diffa2.threads import add_threads_option, apply_threads
+from diffa2.validation import parse_checked
 
 SETTINGS = {  # name: (n_t, n_yt, antithetic) as functions of the budget n
     "(a) independent masks": lambda n: (1, n, False),
@@ -95,7 +97,8 @@ def score_variance(policy, reference, batch, mask_id: int, estimator: ElboEstima
     return scores.var(0).mean().item(), scores.mean().item(), logged
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", help="reference checkpoint (default: a random tiny DIFFA-2)")
     parser.add_argument("--policy", help="policy checkpoint (default: the reference, perturbed)")
@@ -108,7 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--answer_length", type=int, default=16)
     parser.add_argument("--synth_dir", default="data/synth", help="synthetic corpus (built when missing)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    add_threads_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_checked(build_parser(), argv)
+    apply_threads(args.threads)
     torch.set_grad_enabled(False)
     start = time.time()
 

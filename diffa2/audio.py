@@ -10,7 +10,7 @@ Everything the speech front end needs between a file (or in-memory bytes) and th
   to the full window, plus the number of real mel frames per clip.
 
 torchaudio is deliberately not used: it has no CPU wheel matching the pinned torch (see
-/work/shared/reference/environment.md).
+docs/environment.md).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,13 @@ from transformers import HfArgumentParser
 
 
 def parse_config(dataclass_types: tuple[type, ...], argv: list[str] | None, description: str,
-                 overrides: dict[str, Any] | None = None) -> tuple:
-    """Parse `--config` YAML and flags into instances of `dataclass_types` (stage defaults in `overrides`)."""
+                 overrides: dict[str, Any] | None = None,
+                 check: Callable[[argparse.Namespace], None] | None = None) -> tuple:
+    """Parse `--config` YAML and flags into instances of `dataclass_types` (stage defaults in `overrides`).
+
+    `check` sees every option's final value (flag > YAML > default) before any dataclass is built, so its errors
+    come before those of the dataclasses' own `__post_init__` checks (e.g. transformers' TrainingArguments).
+    """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path, default=None)
     known, rest = pre.parse_known_args(argv)
@@ -36,6 +42,8 @@ def parse_config(dataclass_types: tuple[type, ...], argv: list[str] | None, desc
             raise ValueError(f"{source}: unknown key {key!r}")
         defaults[key] = _coerce(action, value, f"{source}: key {key!r}", field_types.get(key, ""))
     parser.set_defaults(**defaults)
+    if check is not None:
+        check(parser.parse_known_args(rest)[0])
     *parsed, leftover = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
     if leftover:
         parser.error(f"unrecognized arguments: {' '.join(leftover)}")

@@ -14,6 +14,7 @@ from diffa2.audio import LogMelFeaturizer
 from diffa2.chat import ChatFormat
 from diffa2.diffusion.decoding import DEFAULT_MODE, DecodeConfig, StepCallback, generate
 from diffa2.modeling.checkpoint import load_pretrained, resolve_source
+from diffa2.modeling.configuration import COMPAT_MODES
 from diffa2.modeling.model import DIFFA2Model, Prefix
 
 
@@ -33,23 +34,33 @@ class Answers:
 
 
 class AudioQA:
-    """A model with its tokenizer/chat format and feature extractor, ready to answer."""
+    """A model with its tokenizer/chat format and feature extractor, ready to answer.
 
-    def __init__(self, model: DIFFA2Model, chat: ChatFormat) -> None:
+    `compat` ("toolkit" or "reference", docs/reference-compat.md) overrides the model's `config.compat`; the chat
+    format follows the model's setting either way.
+    """
+
+    def __init__(self, model: DIFFA2Model, chat: ChatFormat, compat: str | None = None) -> None:
+        if compat is not None:
+            if compat not in COMPAT_MODES:
+                raise ValueError(f"compat must be one of {list(COMPAT_MODES)}, got {compat!r}")
+            model.config.compat = compat
         self.model = model.eval()
-        self.chat = chat
+        self.chat = chat.with_compat(model.config.compat)
         self.featurizer = LogMelFeaturizer(n_mels=model.config.n_mels, window_seconds=model.config.window_seconds)
         chat.ids.check_backbone(model.config.backbone)
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, device: str | torch.device = "cpu") -> AudioQA:
-        """Load a DIFFA-2 checkpoint and the tokenizer it records."""
+    def from_checkpoint(
+        cls, directory: str | Path, device: str | torch.device = "cpu", compat: str | None = None
+    ) -> AudioQA:
+        """Load a DIFFA-2 checkpoint and the tokenizer it records; `compat` overrides the checkpoint's setting."""
         directory = Path(directory)
         model = load_pretrained(directory, device=device)
         tokenizer_dir = resolve_source(model.config.tokenizer_source, directory)
         if tokenizer_dir is None:
             raise ValueError(f"{directory}: config.json records no tokenizer_source")
-        return cls(model, ChatFormat.from_pretrained(tokenizer_dir, model.config.system_prompt))
+        return cls(model, ChatFormat.from_pretrained(tokenizer_dir, model.config.system_prompt), compat)
 
     @property
     def device(self) -> torch.device:

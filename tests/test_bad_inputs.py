@@ -1,15 +1,20 @@
-"""Every bad input of issue #8 and what it gets, as one table: a clear error naming the file/line/field, skipped
-and counted, or accepted (converted / trimmed and counted).
+"""Every bad input of issues #8 and #15 and what it gets, as one table: a clear error naming the file/line/field
+or option, skipped and counted, or accepted (converted / trimmed and counted).
 
 Each row builds a real file in a temporary folder and feeds it to the entry point a user would hit: audio and
 manifests go through the training data path (load_split + AudioInstructionDataset, which skips and counts),
-configs through `parse_config`, checkpoints through the loaders, benchmark files through `validate`.
+configs through `parse_config`, checkpoints through the loaders, benchmark files through `validate` or the
+runner, numeric options through each command line's range checks, output folders through a stage's setup.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import os
+import socket
+import sys
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,15 +33,25 @@ from diffa2.config import parse_config
 from diffa2.data.dataset import AudioInstructionDataset
 from diffa2.data.manifest import ManifestError
 from diffa2.data.recipe import DataSource, load_split
+from diffa2.data.synth import build_parser as synth_parser
+from diffa2.demo.cli import build_parser as demo_parser
+from diffa2.eval.__main__ import build_parser as eval_parser
 from diffa2.eval.loaders import DataError, read_records, validate
 from diffa2.eval.specs import BUILTIN_SPECS
 from diffa2.modeling.backbone import LLaDABackbone
 from diffa2.modeling.checkpoint import load_pretrained
 from diffa2.modeling.encoder import WhisperSpeechEncoder
 from diffa2.modeling.safe_load import CheckpointError
+from diffa2.run_lock import LOCK_NAME, Holder, RunDirError, process_start
+from diffa2.stages import sft
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
+from diffa2.stages.cli import SFT_ARG_TYPES, parse_stage_options
+from diffa2.stages.runner import SFTStage
+from diffa2.threads import choose_threads
+from diffa2.validation import check_args
 
-PROJECT_ERRORS = (AudioError, ManifestError, CheckpointError, DataError, ValueError)
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+PROJECT_ERRORS = (AudioError, ManifestError, CheckpointError, DataError, ValueError, RunDirError)
 WINDOW = 30.0
 
 
@@ -243,6 +258,80 @@ def benchmark_row(records: list[dict], suffix: str, benchmark: str) -> Callable[
     return run
 
 
+def stage_option_row(*flags: str) -> Callable[[Ctx], object]:
+    """Stage flags through the stages' parser and range checks."""
+
+    def run(ctx: Ctx) -> object:
+        return parse_stage_options(SFT_ARG_TYPES, ["--output_dir", str(ctx.tmp / "run"), *flags], "test", {})
+
+    return run
+
+
+def stage_yaml_row(yaml_text: str) -> Callable[[Ctx], object]:
+    """A stage config YAML through the stages' parser and range checks."""
+
+    def run(ctx: Ctx) -> object:
+        (ctx.tmp / "stage.yaml").write_text(yaml_text)
+        return stage_option_row("--config", str(ctx.tmp / "stage.yaml"))(ctx)
+
+    return run
+
+
+def cli_option_row(build_parser: Callable[[], object], *argv: str) -> Callable[[Ctx], object]:
+    """Flags of an argparse command line through its range checks."""
+
+    def run(ctx: Ctx) -> object:
+        parser = build_parser()
+        return check_args(parser, parser.parse_args(list(argv)))
+
+    return run
+
+
+def bench_parser(name: str) -> Callable[[], object]:
+    def build() -> object:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module.build_parser()
+
+    return build
+
+
+def stage_into(prepare: Callable[[Path], None]) -> Callable[[Ctx], object]:
+    """A stage set up in an output folder that `prepare` filled first."""
+
+    def run(ctx: Ctx) -> object:
+        prepare(ctx.tmp / "run")
+        args = parse_config(SFT_ARG_TYPES, ["--output_dir", str(ctx.tmp / "run")], "test")
+        return SFTStage(sft.SPEC, *args).setup()
+
+    return run
+
+
+def earlier_checkpoints(run: Path) -> None:
+    (run / "checkpoint-1600").mkdir(parents=True)
+    (run / "final").mkdir()
+
+
+def locked_by_parent(run: Path) -> None:
+    """The lock of a live process of this host (pytest's parent)."""
+    run.mkdir(parents=True)
+    pid = os.getppid()
+    holder = Holder(pid, socket.gethostname(), "2026-12-03 10:00:00", "train", "t", process_start(pid))
+    (run / LOCK_NAME).write_text(json.dumps(dataclasses.asdict(holder)))
+
+
+def eval_without_audio(ctx: Ctx) -> object:
+    from diffa2.eval.runner import RunOptions, run_benchmark
+
+    path = ctx.tmp / "mmar.jsonl"
+    path.write_text(json.dumps(MMAR_RECORD) + "\n")
+    options = RunOptions(benchmark="mmar", model=str(ctx.checkpoint), data=str(path), out=str(ctx.tmp / "out"),
+                         audio_root=str(ctx.tmp / "wrong"), progress=False)  # fmt: skip
+    return run_benchmark(options, log=lambda _: None)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,6 +399,35 @@ CASES = [
          "benchmark? use --benchmark mmar", benchmark_row([MMAR_RECORD], ".jsonl", "mmau")),
     Case("benchmark: MMSU metadata as MMAR", "error", "wrong benchmark? use --benchmark mmsu",
          benchmark_row([MMSU_RECORD], ".jsonl", "mmar")),
+    Case("benchmark: no audio under --audio-root", "error", "none of the 1 audio files was found under ",
+         eval_without_audio),
+    # numeric options, every entry point (one table of ranges: diffa2.validation)
+    Case("option: --max_steps -5", "error",
+         "--max_steps -5 is out of range: must be >= 1, or -1 (train for --num_train_epochs instead)",
+         stage_option_row("--max_steps", "-5")),
+    Case("option: --learning_rate nan", "error", "--learning_rate nan is out of range: must be > 0",
+         stage_option_row("--learning_rate", "nan")),
+    Case("option: per_device_train_batch_size 0 in a config YAML", "error",
+         "--per_device_train_batch_size 0 is out of range: must be >= 1",
+         stage_yaml_row("per_device_train_batch_size: 0\n")),
+    Case("option: eval --batch-size 0", "error", "--batch-size 0 is out of range: must be >= 1",
+         cli_option_row(eval_parser, "run", "--benchmark", "synth", "--batch-size", "0")),
+    Case("option: demo --port 70000", "error", "--port 70000 is out of range: must be 1..65535",
+         cli_option_row(demo_parser, "--port", "70000")),
+    Case("option: synth --vocab-size 100", "error", "--vocab-size 100 is out of range: must be >= 263",
+         cli_option_row(synth_parser, "--vocab-size", "100")),
+    Case("option: bench/decode.py --gen-lengths 0", "error", "--gen-lengths 0 is out of range: must be >= 1",
+         cli_option_row(bench_parser("decode"), "--gen-lengths", "0")),
+    Case("option: --threads 0", "error", "--threads 0 is out of range: must be >= 1",
+         stage_option_row("--threads", "0")),
+    Case("environment: OMP_NUM_THREADS=abc", "error", "OMP_NUM_THREADS='abc' is not a positive number of threads",
+         lambda ctx: choose_threads(2, 0.0, env="abc")),
+    # output folders
+    Case("output dir: another run's checkpoints", "error",
+         "holds another run's checkpoints (checkpoint-1600, final): pass --resume true",
+         stage_into(earlier_checkpoints)),
+    Case("output dir: locked by a running process", "error", "is in use by another run: PID ",
+         stage_into(locked_by_parent)),
 ]
 
 

@@ -210,7 +210,7 @@ def test_hf_config_from_dims_sets_every_field():
         n_text_layer=32,
     )
     c = hf_config_from_openai_dims(dims)
-    # whisper-large-v3 values (checkpoint-formats.md section 4.1).
+    # whisper-large-v3 values (docs/checkpoint-formats.md section 4.1).
     assert (c.num_mel_bins, c.d_model, c.encoder_layers, c.encoder_attention_heads) == (128, 1280, 32, 20)
     assert (c.encoder_ffn_dim, c.decoder_ffn_dim, c.max_source_positions, c.max_target_positions) == (
         5120,

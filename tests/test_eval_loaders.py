@@ -142,7 +142,7 @@ def test_every_shipped_yaml_loads_and_the_main_ones_equal_the_builtins():
         assert spec.prompt in PROMPTS
         raw = yaml.safe_load(f.read_text(encoding="utf-8"))
         assert "include" in raw or set(raw) == {fl.name for fl in dataclasses.fields(spec)}, f"{f} is incomplete"
-    for name in ("mmau", "mmar", "mmsu"):  # DIFFA-2's settings (diffa2-model.md §7)
+    for name in ("mmau", "mmar", "mmsu"):  # DIFFA-2's settings (docs/model.md §7)
         d = BUILTIN_SPECS[name].decoding
         assert (d.steps, d.block_length, d.gen_length, d.temperature) == (16, 16, 16, 0.0)
 

@@ -1,7 +1,7 @@
 """Scoring rules on real MMAU / MMAR records and hand-written MMSU records, against hand-derived expectations.
 
-Every expected value below was worked out by hand from the rules in /work/shared/reference/benchmarks.md (§1.2
-MMAU word set, §2.2 MMAR = MMAU's rule, §3.2 MMSU letters); the comment on each case says why.
+Every expected value below was worked out by hand from the official rules (MMAU evaluation.py's word set, MMAR
+code/evaluation.py = MMAU's rule, MMSU mmsu_evaluation.py's letters); the comment on each case says why.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def test_unexpected_official_values_are_counted_not_fatal(mmau):
 # MMSU letter rule
 # ---------------------------------------------------------------------------------------------------------------
 
-# The parse table of benchmarks.md §3.2 ("Parse outcomes").
+# The parse table of docs/benchmarks.md §3.2 ("Parse outcomes").
 MMSU_PARSES = [
     ("A", "A"), ("B.", "B"), ("(C)", "C"), ("D. female", "D"), ("The answer is C.", "C"),
     ("The correct option is (B)", "B"), ("Answer: C", "A"), ("Based on the audio, the answer is D.", "B"),
@@ -229,8 +229,8 @@ def test_mmsu_official_drops_unparseable_and_counts_empty(mmsu):
         rec | {"response": "b"},  # wrong format: dropped officially
         rec | {"response": ""},  # empty: counted wrong
         rec | {"response": "None"},  # "None": counted wrong
-        rec | {"response": None},  # null: like "None"
-        dict(rec),  # no key: left out
+        rec | {"response": None},  # null: the script fails on it ("Error prediction!"): left out
+        dict(rec),  # no key: read as "": counted wrong
     ]
     records = _records(rows)
     validate(records, MMSU, for_run=False)
@@ -302,7 +302,7 @@ def test_normalization_is_stable_on_every_choice(mmau, mmar):
 
 
 def reference_rule(prediction: str, answer: str, choices: list[str]) -> bool:
-    """Straight from the prose of benchmarks.md §1.2, with lists and loops (no shared code)."""
+    """Straight from the prose of docs/benchmarks.md §1.2, with lists and loops (no shared code)."""
     toks = lambda s: sorted(set(re.findall(r"\b\w+\b", s.lower())))  # noqa: E731
     pred, gold = toks(prediction), toks(answer)
     if not pred or any(t not in pred for t in gold):

@@ -70,7 +70,8 @@ def test_two_processes_write_the_single_process_files_and_resume(checkpoint, mma
     # Sharded, interrupted after the first 5 items, then resumed with the full benchmark.
     torchrun(run_args(checkpoint, mmau_dir, tmp_path / "two", limit=5), tmp_path)
     log = torchrun(run_args(checkpoint, mmau_dir, tmp_path / "two"), tmp_path)
-    assert "(6 on rank 0 of 2), 3 already done" in log and "(5 on rank 1 of 2), 2 already done" in log
+    assert "(6 on rank 0 of 2), 2 already done" in log and "(5 on rank 1 of 2), 2 already done" in log
+    assert "retrying 1 item(s) whose audio was missing or unreadable before" in log  # item 4, still missing
     logs = sorted(p.name for p in (tmp_path / "two" / "partial").glob("*.jsonl"))
     assert [name.split(".", 1)[1] for name in logs] == ["rank0.jsonl", "rank1.jsonl"]
     for name in FINAL_FILES:

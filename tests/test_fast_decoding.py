@@ -65,6 +65,13 @@ def test_finish_at_eos_is_decided_only_when_nothing_before_the_stop_is_masked():
     assert x.tolist() == [[1, 8, 8, 8], [9, 8, 2, 3], [1, 2, 7, 8], [1, 2, 3, 4], [8, 8, 8, 8]]
 
 
+def test_finish_at_eos_without_eot_waits_for_an_eos_as_the_published_decoder_does():
+    x = torch.tensor([[1, 7, 2, 9], [1, 7, 8, 9], [9, 7, 8, 3]])  # mask 9, eos 8, eot 7
+    decided = finish_at_eos(x, IDS, with_eot=False)
+    assert decided.tolist() == [False, True, False]
+    assert x.tolist() == [[1, 7, 2, 9], [1, 7, 8, 8], [9, 7, 8, 3]]
+
+
 # -- exact NFE on a model whose logits are fixed ---------------------------------------------------------------
 
 PROBS = [0.999, 0.99, 0.95, 0.5]

@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 import diffa2.modeling.checkpoint as checkpoint_module
 from diffa2.config import parse_config
 from diffa2.modeling.checkpoint import NonFiniteWeightsError, save_pretrained
+from diffa2.run_lock import LOCK_NAME
 from diffa2.stages import sft
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
 from diffa2.stages.checkpoints import last_complete_checkpoint
@@ -58,10 +59,10 @@ def test_kill_9_mid_stage_then_resume_ends_with_the_uninterrupted_weights(tmp_pa
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-    assert not (killed / "final").exists()
+    assert not (killed / "final").exists() and (killed / LOCK_NAME).exists()  # the kill left a stale lock
 
-    resumed = sft.main(small_run_args(killed, small_corpus, steps, ["--resume", "true"]))
-    assert resumed["steps"] == full["steps"] == steps
+    resumed = sft.main(small_run_args(killed, small_corpus, steps, ["--resume", "true"]))  # takes it over
+    assert resumed["steps"] == full["steps"] == steps and not (killed / LOCK_NAME).exists()
     a, b = final_weights(tmp_path / "full"), final_weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -16,7 +16,7 @@ def featurize(model, waves):
 def test_speech_token_counts_per_stage(chat):
     waves = [clip(1.0), clip(2.5)]  # 100 and 250 mel frames -> 50 and 125 encoder frames
     for stage, lead in ((1, 4), (2, 8)):
-        model = make_tiny_model(chat, stage=stage)
+        model = make_tiny_model(chat, speech_path=stage)
         speech = model.encode_speech(*featurize(model, waves))
         assert speech.lengths.tolist() == [lead + 50 // 4, lead + 125 // 4]
         assert speech.embeds.shape == (2, lead + 125 // 4, 64)
@@ -74,7 +74,7 @@ def test_semantic_adapter_tokens_do_not_see_frames_past_the_clip():
 
 
 def test_real_preset_adapter_sizes_match_the_reference_counts():
-    # diffa2-model.md §2.2-2.3: about 36.4 M (semantic) and 47.9 M (Q-Former) parameters for large-v3.
+    # docs/model.md §2.2-2.3: about 36.4 M (semantic) and 47.9 M (Q-Former) parameters for large-v3.
     with torch.device("meta"):
         semantic = SemanticAdapter(1280, 4096)
         acoustic = AcousticAdapter(1280, 4096, tap_layers=[3, 7, 11, 15, 19, 23, 27, 31], num_queries=64,

@@ -31,7 +31,7 @@ def loss_and_weight(name, config=None, old_log_prob=0.0):
     return loss_mat[0].tolist(), weight, pairs, metrics
 
 
-# --- the formulas, written from rl-objectives.md §1.1 and §2 -------------------------------------------------------
+# --- the formulas, written from docs/objectives.md §1.1 and §2 ------------------------------------------------------
 
 
 def w_ppo(r, a, lo=0.2, hi=0.2, c=3.0):
@@ -157,7 +157,7 @@ def test_cispo_value_is_weighted_reinforce():
 def test_dgpo_reductions_to_gppo():
     """m = 1 gives GPPO's constant ub on the high side; n = −1 gives GPPO's constant lb on the low side.
 
-    rl-objectives.md §2.4 (and issue 5) say n = 0 reduces to GPPO; from the implemented formula W = r^(n+1)/lbⁿ,
+    An earlier summary of DGPO (and issue 5) said n = 0 reduces to GPPO; from the implemented formula W = r^(n+1)/lbⁿ,
     n = 0 gives W = r (plain policy gradient) there, and GPPO's constant lb needs n = −1.
     """
     gppo = rl.GPPOConfig(clip_ratio_high=0.2, clip_ratio_c=None)  # DGPO has no dual-clip

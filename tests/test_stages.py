@@ -45,7 +45,7 @@ def test_real_recipes_build_their_trainers(tmp_path, real_format_bases, name, lo
     assert trainable == expected | ({"backbone"} if lora else set())
     if lora:
         assert all("lora_" in n for n, p in stage.model.named_parameters() if p.requires_grad and "backbone" in n)
-    assert stage.model.config.stage == (1 if lead == "prompt" else 2)
+    assert stage.model.config.speech_path == ("prompt+semantic" if lead == "prompt" else "acoustic+semantic")
 
 
 @pytest.mark.slow

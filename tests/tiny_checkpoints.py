@@ -1,6 +1,6 @@
 """Writers of tiny checkpoints with exactly the on-disk layout of the real published ones.
 
-Layouts follow /work/shared/reference/checkpoint-formats.md (sections 2, 4 and 5). Each writer builds the
+Layouts follow docs/checkpoint-formats.md. Each writer builds the
 real model class with a tiny config and saves it the way the real files were produced, so loaders tested
 on these files also accept the real checkpoints.
 """
@@ -8,6 +8,7 @@ on these files also accept the real checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -155,3 +156,73 @@ def write_tiny_openai_whisper(
     dims = {k: int(v) for k, v in dataclasses.asdict(model.dims).items()}
     torch.save({"dims": dims, "model_state_dict": model.state_dict()}, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real-size configs without weights (for models built on the meta device)
+# ---------------------------------------------------------------------------------------------------------
+
+# openai/whisper-large-v3 config.json, every key the published file holds (docs/checkpoint-formats.md).
+WHISPER_LARGE_V3_CONFIG = {
+    "_name_or_path": "openai/whisper-large-v3",
+    "activation_dropout": 0.0,
+    "activation_function": "gelu",
+    "apply_spec_augment": False,
+    "architectures": ["WhisperForConditionalGeneration"],
+    "attention_dropout": 0.0,
+    "begin_suppress_tokens": [220, 50257],
+    "bos_token_id": 50257,
+    "classifier_proj_size": 256,
+    "d_model": 1280,
+    "decoder_attention_heads": 20,
+    "decoder_ffn_dim": 5120,
+    "decoder_layerdrop": 0.0,
+    "decoder_layers": 32,
+    "decoder_start_token_id": 50258,
+    "dropout": 0.0,
+    "encoder_attention_heads": 20,
+    "encoder_ffn_dim": 5120,
+    "encoder_layerdrop": 0.0,
+    "encoder_layers": 32,
+    "eos_token_id": 50257,
+    "init_std": 0.02,
+    "is_encoder_decoder": True,
+    "mask_feature_length": 10,
+    "mask_feature_min_masks": 0,
+    "mask_feature_prob": 0.0,
+    "mask_time_length": 10,
+    "mask_time_min_masks": 2,
+    "mask_time_prob": 0.05,
+    "max_length": 448,
+    "max_source_positions": 1500,
+    "max_target_positions": 448,
+    "median_filter_width": 7,
+    "model_type": "whisper",
+    "num_hidden_layers": 32,
+    "num_mel_bins": 128,
+    "pad_token_id": 50256,
+    "scale_embedding": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.43.2",
+    "use_cache": True,
+    "use_weighted_layer_sum": False,
+    "vocab_size": 51866,
+}
+
+
+def write_whisper_large_v3_config(directory: str | Path) -> Path:
+    """An `openai/whisper-large-v3` directory holding only its config.json (real sizes, no weights)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(WHISPER_LARGE_V3_CONFIG, indent=2))
+    return directory
+
+
+def write_llada_8b_config(directory: str | Path) -> Path:
+    """A `GSAI-ML/LLaDA-8B-Instruct` directory holding only its config.json (real sizes, no weights)."""
+    from tiny_llada import LLADA_8B_CONFIG
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(LLADA_8B_CONFIG, indent=2))
+    return directory

@@ -1,7 +1,7 @@
 """A tiny LLaDA checkpoint in exactly the published on-disk format, and LLaDA's forward written from its spec.
 
 Written independently of `diffa2.modeling.backbone` on purpose: config keys and parameter names are the
-ones listed for `GSAI-ML/LLaDA-8B-Instruct` in `reference/checkpoint-formats.md` §1.2-1.4, and
+ones listed for `GSAI-ML/LLaDA-8B-Instruct` in `docs/checkpoint-formats.md` §1.2-1.4, and
 `llada_reference_logits` restates LLaDA's `LLaDALlamaBlock` math (RMSNorm, rotate-half RoPE in fp32,
 non-causal SDPA, SwiGLU with `ff_proj` as the gate) so a renaming mistake in the toolkit cannot hide.
 """

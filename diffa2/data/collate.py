@@ -76,7 +76,13 @@ class CachedFeatures:
 
 
 class SFTCollator:
-    """Examples -> `SFTBatch`; `answer_length` fixes the answer region (else the batch's longest answer)."""
+    """Examples -> `SFTBatch`; `answer_length` fixes the answer region (else the batch's longest answer).
+
+    `text_window`, when given, is how many prompt + answer tokens a row may hold (the backbone's window minus the
+    most speech tokens): answer positions of a row past it are left out of its answer region. With items checked
+    against the window beforehand (`dataset.items_within`), only EOS padding a longer batch-mate forced on the row
+    is ever left out.
+    """
 
     def __init__(
         self,
@@ -84,10 +90,12 @@ class SFTCollator:
         featurizer: LogMelFeaturizer,
         answer_length: int | None = None,
         feature_cache_items: int = 0,
+        text_window: int | None = None,
     ) -> None:
         self.chat = chat
         self.features = CachedFeatures(featurizer, feature_cache_items)
         self.answer_length = answer_length
+        self.text_window = text_window
 
     def __call__(self, examples: list[SFTExample]) -> SFTBatch:
         features, feature_lengths, prompt_ids, audio_slots = self.encode_inputs(examples)
@@ -98,8 +106,15 @@ class SFTCollator:
             prompt_ids=prompt_ids,
             audio_slots=audio_slots,
             answer_ids=answer_ids,
-            answer_mask=torch.ones_like(answer_ids, dtype=torch.bool),
+            answer_mask=self.answer_region(prompt_ids, answer_ids.shape[1]),
         )
+
+    def answer_region(self, prompt_ids: list[list[int]], width: int) -> torch.Tensor:
+        """`(B, width)` bool: the answer positions each row holds, all of them unless `text_window` cuts a row."""
+        if self.text_window is None:
+            return torch.ones(len(prompt_ids), width, dtype=torch.bool)
+        room = torch.tensor([self.text_window - len(ids) for ids in prompt_ids])
+        return torch.arange(width)[None, :] < room[:, None]
 
     def encode_inputs(self, examples: list) -> tuple[torch.Tensor, torch.Tensor, list[list[int]], list[int]]:
         """Features, feature lengths, prompt ids and audio slots of examples with `wave` and `instruction`."""

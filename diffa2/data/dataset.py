@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from diffa2.audio import AudioError, decode_audio_bytes, load_audio, trim_to_window
+from diffa2.chat import ChatFormat
 from diffa2.data.collate import PairExample, SFTExample
 from diffa2.data.recipe import RecipeItem
 
@@ -22,6 +23,44 @@ class DataStats:
 
     def summary(self) -> str:
         return f"{len(self.skipped)} skipped (bad audio), {len(self.trimmed)} trimmed to the window"
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """The tokens one training row may hold: the backbone's window, a clip's speech tokens (at most), the canvas."""
+
+    max_sequence_length: int  # the backbone's `max_sequence_length` (LLaDA-8B: 4096)
+    speech_tokens: int  # speech tokens of a clip as long as the audio window
+    canvas: int | None  # the fixed answer canvas; None: as wide as each batch's longest answer
+
+    def problem(self, prompt_tokens: int, answer_tokens: int) -> str | None:
+        """Why a row with this prompt and answer (end of turn included) cannot be trained, or None if it can."""
+        if self.canvas is not None and answer_tokens > self.canvas:
+            return f"its answer has {answer_tokens} tokens, more than the {self.canvas}-token answer canvas"
+        answer = self.canvas or answer_tokens
+        if prompt_tokens + self.speech_tokens + answer > self.max_sequence_length:
+            return (f"prompt ({prompt_tokens}) + speech (up to {self.speech_tokens}) + answer ({answer}) tokens exceed "
+                    f"the backbone's {self.max_sequence_length}-token window")  # fmt: skip
+        return None
+
+
+def items_within(
+    items: list[RecipeItem], chat: ChatFormat, budget: TokenBudget
+) -> tuple[list[RecipeItem], dict[str, str]]:
+    """The items whose answers (chosen and rejected ones alike) fit `budget`; the others by location, with why."""
+    kept: list[RecipeItem] = []
+    too_long: dict[str, str] = {}
+    for item in items:
+        fields, source = item.record.fields, item.source
+        prompt = len(chat.encode_prompt(fields[source.instruction_field])[0])
+        answers = [fields[source.target_field]] + ([fields[source.rejected_field]] if source.rejected_field else [])
+        problems = [budget.problem(prompt, len(chat.encode_answer(answer))) for answer in answers]
+        reason = next((p for p in problems if p is not None), None)
+        if reason is None:
+            kept.append(item)
+        else:
+            too_long[item.record.where] = reason
+    return kept, too_long
 
 
 def audio_path(root: Path, value: str, where: str) -> Path:

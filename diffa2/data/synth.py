@@ -67,6 +67,8 @@ except ImportError:  # not on Windows: builds are then not serialised between pr
 
 from diffa2.data.tokenizer import ASR_INSTRUCTION, MMAU_INSTRUCTION, build_tokenizer
 from diffa2.io import atomic_write_text
+from diffa2.threads import add_threads_option, apply_threads
+from diffa2.validation import parse_checked
 
 FORMAT_VERSION = 2  # 2: stage-3 SFT items without captions (they stay in stage 2)
 SAMPLE_RATE = 16000
@@ -109,7 +111,7 @@ BEEP_S = 0.16  # every beep lasts the same: the total sounding time is then prop
 BEEP_GAP_S = 0.2  # minimum silence between beeps (2.5 frames of the 12.5 Hz semantic adapter)
 COUNT_WORDS: tuple[str, ...] = ("one", "two", "three", "four")
 # Answer regions of the embedded default, in tokens (answer + <|eot_id|> + EOS padding). Short on purpose: the tiny
-# diffusion LM learns its answers several times faster on a short canvas (dev/LOG.md). Stage 1 transcripts, stage
+# diffusion LM learns answers several-fold faster on short canvases (docs/experiment-log.md). Stage 1 transcripts, stage
 # 3/4 answers and the test split fit in ANSWER_TOKENS; stage 2's captions (up to 8 tokens) need CAPTION_TOKENS.
 ANSWER_TOKENS = 4
 CAPTION_TOKENS = 10
@@ -829,7 +831,8 @@ def _summary(corpus: SynthCorpus, seconds: float, skipped: bool) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The corpus builder's flags."""
     parser = argparse.ArgumentParser(
         prog="python -m diffa2.data.synth",
         description="Generate the synthetic audio corpus of the embedded default (WAV files, DIFFA/DeSTA2 "
@@ -854,7 +857,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_VOCAB_SIZE,
         help=f"tokenizer vocabulary bound (default: {DEFAULT_VOCAB_SIZE})",
     )
-    args = parser.parse_args(argv)
+    add_threads_option(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_checked(build_parser(), argv)
+    apply_threads(args.threads)
     size = "small" if args.small else args.size
     t0 = time.perf_counter()
     skipped = args.if_missing and is_complete(args.out, args.seed, size, vocab_size=args.vocab_size)

@@ -23,6 +23,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from diffa2.chat import DEFAULT_SYSTEM_PROMPT, DIFFA2_TRAINING_SYSTEM_PROMPT
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = EOS_TOKEN
@@ -45,13 +47,10 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 # Registered as extra special tokens (beyond bos/eos/pad/mask), so that skip_special_tokens drops them too.
 EXTRA_SPECIAL_TOKENS: tuple[str, ...] = (START_HEADER_TOKEN, END_HEADER_TOKEN, EOT_TOKEN, CLS_TOKEN)
 
-# Strings of the prompt template (reference diffa2-model.md §2.6) and of the evaluation prompts (§7). They
+# Strings of the prompt template (docs/model.md §2.6) and of the evaluation prompts (§7). They
 # are training texts of the tokenizer only; the template itself is written by ``diffa2.chat``.
-SYSTEM_PROMPT_SHORT = "You are a helpful voice assistant."
-SYSTEM_PROMPT_LONG = (
-    "You are a helpful voice assistant. Imagine you can hear the audio clips. Focus on the audios and "
-    "respond directly to the prompts."
-)
+SYSTEM_PROMPT_SHORT = DEFAULT_SYSTEM_PROMPT
+SYSTEM_PROMPT_LONG = DIFFA2_TRAINING_SYSTEM_PROMPT
 AUDIO_PREFIX = "This is the audio: <audio>. "
 MMAU_INSTRUCTION = (
     "You are given the audio and a multiple-choice question. Choose the best answer based only on the speech "

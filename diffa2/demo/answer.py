@@ -69,23 +69,24 @@ class DecodeSettings:
             raise DemoError(f"Decoding settings: {exc}.") from exc
 
 
-def load_model(checkpoint: str | None) -> AudioQA:
-    """The AudioQA of a checkpoint directory (cached; reloaded when its config.json changes)."""
+def load_model(checkpoint: str | None, compat: str | None = None) -> AudioQA:
+    """The AudioQA of a checkpoint directory under `compat` (default: the checkpoint's own; cached, reloaded when
+    its config.json changes)."""
     if not checkpoint:
         raise DemoError("No checkpoint selected. Train the tiny default or choose a checkpoint directory.")
     config = Path(checkpoint).expanduser() / "config.json"
     if not config.is_file():
         raise DemoError(f"{checkpoint} is not a DIFFA-2 checkpoint (no config.json there).")
     try:
-        return _load_cached(str(config.parent.resolve()), config.stat().st_mtime)
+        return _load_cached(str(config.parent.resolve()), config.stat().st_mtime, compat)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise DemoError(f"Could not load the checkpoint {checkpoint}: {exc}") from exc
 
 
 @functools.lru_cache(maxsize=2)
-def _load_cached(directory: str, mtime: float) -> AudioQA:
-    """Load once per (directory, config.json mtime): switching back and forth between two stays instant."""
-    return AudioQA.from_checkpoint(directory)
+def _load_cached(directory: str, mtime: float, compat: str | None) -> AudioQA:
+    """Load once per (directory, config.json mtime, compat): switching back and forth between two stays instant."""
+    return AudioQA.from_checkpoint(directory, compat=compat)
 
 
 def prepare_clip(path: str | None, window_seconds: float, max_bytes: int) -> tuple[np.ndarray, list[str]]:
@@ -186,13 +187,14 @@ def answer_clip(
     *,
     max_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 2**20),
     delay: float = 0.0,
+    compat: str | None = None,
 ) -> Iterator[Update]:
     """The demo's answer function: a path and a question in, frames of the unmasking out; errors as a message."""
     try:
         if not question or not question.strip():
             raise DemoError("Type a question about the clip (or pick an example question).")
         config = settings.to_config()
-        qa = load_model(checkpoint)
+        qa = load_model(checkpoint, compat)
         wave, notices = prepare_clip(audio, qa.model.config.window_seconds, max_bytes)
         prefix = "".join(f"ℹ {n}\n\n" for n in notices)
         for update in stream_answer(qa, wave, question.strip(), config, delay=delay):

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diffa2.demo import DEFAULT_MAX_UPLOAD_MB
+from diffa2.threads import add_threads_option, apply_threads
+from diffa2.validation import parse_checked
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The demo's flags."""
     parser = argparse.ArgumentParser(
         prog="python -m diffa2.demo",
@@ -27,13 +29,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "(default: runs)")
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
                         help=f"largest upload accepted, in MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
-    return parser.parse_args(argv)
+    parser.add_argument("--compat", choices=("toolkit", "reference"),  # DIFFA2Config.compat (not imported: --help
+                        help="toolkit or reference (DIFFA-2's released inference code, docs/reference-compat.md); "
+                             "default: each checkpoint's own setting")  # stays instant without transformers)
+    add_threads_option(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The demo's flags, range-checked (a bad value exits with status 2)."""
+    return parse_checked(build_parser(), argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the flags, then build and serve the page until interrupted."""
     args = parse_args(argv)
+    apply_threads(args.threads)
     from diffa2.demo.ui import DemoOptions, launch  # gradio is imported only once --help has been handled
 
-    launch(DemoOptions(runs_dir=args.runs_dir, checkpoint=args.checkpoint, max_upload_mb=args.max_upload_mb),
-           host=args.host, port=args.port, share=args.share)
+    launch(DemoOptions(runs_dir=args.runs_dir, checkpoint=args.checkpoint, max_upload_mb=args.max_upload_mb,
+                       compat=args.compat), host=args.host, port=args.port, share=args.share)

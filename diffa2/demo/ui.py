@@ -34,6 +34,7 @@ class DemoOptions:
     runs_dir: Path = Path("runs")  # where stage runs write `<stage>/final` checkpoints
     checkpoint: str | None = None  # preselected checkpoint; default: the latest embedded-default one
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
+    compat: str | None = None  # "toolkit" or "reference" for every checkpoint; default: each checkpoint's own
     examples_dir: Path | None = None  # synthetic example clips; default: <runs_dir>/demo-examples
     train_command: list[str] = field(default_factory=list)  # default: the embedded default's SFT stage
 
@@ -93,7 +94,7 @@ def build_app(options: DemoOptions) -> gr.Blocks:
             settings = DecodeSettings(gen_length=gen_length, block_length=block_length, steps=steps,
                                       threshold=threshold, factor=factor, cache=cache, eos_early_exit=eos_early_exit)
             for update in answer_clip(audio, question, checkpoint, settings,
-                                      max_bytes=options.max_upload_bytes, delay=delay):
+                                      max_bytes=options.max_upload_bytes, delay=delay, compat=options.compat):
                 yield update.text, update.status
 
         def on_train(progress=gr.Progress()) -> tuple:  # noqa: B008 (Gradio's way to ask for a progress bar)

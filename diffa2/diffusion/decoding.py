@@ -15,7 +15,8 @@ Differences from LLaDA's code, all deliberate:
 - Gumbel noise in float64 is drawn per row and only for the current block, not for the whole (B, L, V) tensor
   at once (LLaDA PR #124): positions outside the block are never committed, so their draws could not matter.
 
-Fast modes (Fast-dLLM, arXiv 2505.22618; reference `diffa2-model.md` §6.3-6.4), selected by the same config:
+Fast modes (Fast-dLLM, arXiv 2505.22618; NVlabs/Fast-dLLM and DIFFA-2's `--accelerate fast_dllm`), selected by the
+same config:
 - `threshold` / `factor`: commit several tokens per step (`diffa2.diffusion.parallel`), never fewer than the
   reference schedule's count for that step, so `steps` stays an upper bound (one per step when steps =
   gen_length, Fast-dLLM's "at least one"); a block ends as soon as it has no [MASK] left;
@@ -62,9 +63,11 @@ class DecodeConfig:
     # Fast modes (module docstring); the defaults are the reference decoder.
     threshold: float | None = None  # commit every masked block token with confidence >= threshold (Fast-dLLM: 0.9)
     factor: float | None = None  # Fast-dLLM's factor rule, DIFFA-2's "FPD" (DIFFA-2: 1.0)
+    factor_quirk: bool = False  # the factor rule's edge case as coded (`parallel.py`): DIFFA-2's published decoding
     cache: Literal["none", "prefix", "dual"] = "none"  # block-wise approximate KV cache
     refresh_every: int | None = None  # with a cache: also refill it every N steps of a block (None: once per block)
     eos_early_exit: bool = False  # stop a row once its answer text is decided
+    exit_on_eot: bool = True  # early exit on end-of-turn too (DIFFA-2's published decoding watches EOS alone)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> DecodeConfig:
@@ -98,6 +101,8 @@ class DecodeConfig:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.factor is not None and self.factor <= 0:
             raise ValueError(f"factor must be > 0, got {self.factor}")
+        if self.factor_quirk and self.factor is None:
+            raise ValueError("factor_quirk is an edge case of the factor rule: it needs a factor")
         if (self.threshold is not None or self.factor is not None) and self.remasking != "low_confidence":
             raise ValueError("threshold and factor rank tokens by model confidence: they need "
                              "remasking='low_confidence' (random remasking has no confidence)")  # fmt: skip
@@ -108,10 +113,11 @@ class DecodeConfig:
 
 
 # Fields that change speed (and, being approximations, possibly answers) but not what is being decoded.
-SPEED_FIELDS = ("threshold", "factor", "cache", "refresh_every", "eos_early_exit")
+SPEED_FIELDS = ("threshold", "factor", "factor_quirk", "cache", "refresh_every", "eos_early_exit", "exit_on_eot")
 
 # Named modes: `DecodeConfig.preset(name)`. "parallel"/"fast" use Fast-dLLM's evaluated threshold 0.9;
-# "fpd" is DIFFA-2's `--accelerate fast_dllm` (factor 1.0 + EOS early exit, no cache; diffa2-model.md §6.3).
+# "fpd" is DIFFA-2's `--accelerate fast_dllm` (factor 1.0 + EOS early exit, no cache; DIFFA-2/src/fast_dllm/
+# diffa_generate.py) without the factor rule's edge case; the eval specs' "paper" profile adds it (factor_quirk).
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": {},
     "parallel": {"threshold": 0.9, "eos_early_exit": True},
@@ -223,7 +229,7 @@ def generate(
             for row in (r for r in range(batch) if active[r]):
                 _commit_row(x[row, lo:hi], logits[row], int(schedule[row, step]), special, config, generators[row])
             if config.eos_early_exit:
-                decided |= finish_at_eos(x, special)
+                decided |= finish_at_eos(x, special, with_eot=config.exit_on_eot)
             if on_step is not None:
                 on_step(nfe, x)
     return DecodeOutput(x, nfe, row_nfe, time.perf_counter() - start)
@@ -254,6 +260,7 @@ def _commit_row(
     score = torch.where(masked, confidence.nan_to_num(neginf=-1e300), torch.full_like(confidence, float("-inf")))
     ranked = torch.argsort(score, descending=True, stable=True)[: int(masked.sum())]  # ties: leftmost first
     if config.threshold is not None or config.factor is not None:
-        count = max(count, parallel_count(confidence[ranked], config.threshold, config.factor))
+        count = max(count, parallel_count(confidence[ranked], config.threshold, config.factor,
+                                          quirk=config.factor_quirk))
     chosen = ranked[:count]
     x[chosen] = x0[chosen]

@@ -1,6 +1,6 @@
 """Where a decoding step's logits come from: a full forward pass, or Fast-dLLM's block-wise approximate KV cache.
 
-Fast-dLLM (arXiv 2505.22618 §3.2; `NVlabs/Fast-dLLM:llada/generate.py`, reference `diffa2-model.md` §6.4): at the
+Fast-dLLM (arXiv 2505.22618 §3.2; `NVlabs/Fast-dLLM:llada/generate.py`, `docs/decoding.md` §4): at the
 first step of a block the whole sequence is run and the keys/values of every position outside the block are
 kept; the block's other steps feed only the positions whose K/V change, and they attend to the kept ones.
 

@@ -26,7 +26,7 @@ def sft_loss(
 
     Masked positions whose target is one of `stop_ids` (EOS padding, end of turn) are weighted `stop_weight`
     (1.0 = LLaDA); they fill most of a short-answer canvas, and a tiny model trained from scratch learns its
-    answers faster when they count less (`dev/LOG.md`). `model` may be a distributed wrapper; it is only called.
+    answers faster when they count less (docs/experiment-log.md). `model` may be a distributed wrapper, only called.
     """
     noised = forward_process(batch.answer_ids, batch.answer_mask, mask_id, eps=eps, form=form, generator=generator)
     logits = model(

@@ -6,8 +6,9 @@ and return how many of the most confident to commit this step (at least one):
 - threshold tau: every masked position with c >= tau (Fast-dLLM `get_transfer_index` with `threshold`);
 - factor f ("FPD"): the longest run n with c(k) >= 1 - f / (k + 1) for every 2 <= k <= n, i.e. Fast-dLLM's
   `(n + 1)(1 - c(n)) < f` bound (`NVlabs/Fast-dLLM:llada/generate.py` `get_transfer_index_dynamic`; reference
-  `diffa2-model.md` §6.3). With f = 1 the bars are 0.667, 0.75, 0.8, ... Fast-dLLM also commits every candidate
-  when the first failure is the last one; that quirk is not reproduced.
+  DIFFA-2's `DIFFA-2/src/fast_dllm/diffa_generate.py`). With f = 1 the bars are 0.667, 0.75, 0.8, ... With
+  `quirk`, the code's edge case too: when the first candidate to fail is the last one, every candidate is committed
+  (so the last two masked tokens of a block always go together); DIFFA-2's published decoding has it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch
 from diffa2.chat import SpecialIds
 
 
-def parallel_count(sorted_confidence: torch.Tensor, threshold: float | None, factor: float | None) -> int:
+def parallel_count(
+    sorted_confidence: torch.Tensor, threshold: float | None, factor: float | None, *, quirk: bool = False
+) -> int:
     """How many of the descending confidences `[n]` a parallel rule commits (>= 1 when n > 0)."""
     n = sorted_confidence.numel()
     if n == 0:
@@ -30,20 +33,22 @@ def parallel_count(sorted_confidence: torch.Tensor, threshold: float | None, fac
     else:
         raise ValueError("parallel_count needs a threshold or a factor")
     passes[0] = True  # the most confident token is always committed
-    return int(passes.long().cumprod(0).sum())
+    count = int(passes.long().cumprod(0).sum())
+    return n if quirk and factor is not None and count == n - 1 else count
 
 
-def finish_at_eos(x: torch.Tensor, special: SpecialIds) -> torch.Tensor:
+def finish_at_eos(x: torch.Tensor, special: SpecialIds, *, with_eot: bool = True) -> torch.Tensor:
     """Rows `[B, G]` whose answer is decided: fill them with EOS after the stop and return which rows they are.
 
     A row is decided when it holds an EOS or end-of-turn token at some position e with no [MASK] before e:
     committed tokens are never remasked and the answer text ends at the first stop token
     (`ChatFormat.decode_answer`), so further steps could only change positions after e, which the text ignores.
-    Those positions are set to EOS, the padding the model is trained to predict there.
+    Those positions are set to EOS, the padding the model is trained to predict there. With `with_eot` False
+    only EOS stops a row, as in DIFFA-2's published decoder (its answers keep text after an end-of-turn token).
     """
     length = x.shape[1]
     columns = torch.arange(length, device=x.device)
-    stop = (x == special.eos) | (x == special.eot)
+    stop = (x == special.eos) | (x == special.eot) if with_eot else x == special.eos
     masked = x == special.mask
     first_stop = torch.where(stop, columns, length).min(dim=1).values
     first_mask = torch.where(masked, columns, length).min(dim=1).values

@@ -23,6 +23,10 @@ from diffa2.eval.prompts import PROMPTS
 from diffa2.eval.report import build_report, format_table, write_report
 from diffa2.eval.scoring import score_records
 from diffa2.eval.specs import BUILTIN_SPECS, MODES, SpecError, load_spec
+from diffa2.modeling.configuration import COMPAT_MODES
+from diffa2.run_lock import RunDirError
+from diffa2.threads import add_threads_option, apply_threads
+from diffa2.validation import parse_checked
 
 BENCHMARKS = sorted(BUILTIN_SPECS)
 
@@ -39,16 +43,24 @@ def _add_decoding(parser: argparse.ArgumentParser) -> None:
                        help="never predict EOS")  # fmt: skip
     group.add_argument("--confidence-eos-eot-inf", action=argparse.BooleanOptionalAction, default=None,
                        help="commit EOS / end-of-turn predictions last")  # fmt: skip
+    group.add_argument("--profile", help="decoding profile of the spec: 'parallel' (the toolkit's default) or, for "
+                       "MMSU/MMAU/MMAR, 'paper' (DIFFA-2's published decoding; the default for a released DIFFA-2 "
+                       "checkpoint); the flags below change it")  # fmt: skip
     group.add_argument("--decode-mode", choices=sorted(PRESETS),
                        help=f"speed mode: the preset's threshold/factor/cache/early-exit settings replace the spec's "
                        f"(default: the spec's = {DEFAULT_MODE!r}; 'reference' = LLaDA/DIFFA-2 decoding, one token per "
                        f"step, no cache); the flags below override it")  # fmt: skip
     group.add_argument("--threshold", type=float, help="commit every masked token with confidence >= this")
     group.add_argument("--factor", type=float, help="Fast-dLLM's factor rule (DIFFA-2's FPD)")
+    group.add_argument("--factor-quirk", action=argparse.BooleanOptionalAction, default=None,
+                       help="the factor rule's edge case as coded in DIFFA-2: when only the last candidate fails its "
+                       "bar, commit it too")  # fmt: skip
     group.add_argument("--cache", choices=["none", "prefix", "dual"], help="block-wise approximate KV cache")
     group.add_argument("--refresh-every", type=int, help="with a cache: also refresh it every N steps of a block")
     group.add_argument("--eos-early-exit", action=argparse.BooleanOptionalAction, default=None,
                        help="stop an answer once its text is decided (EOS, nothing masked before it)")  # fmt: skip
+    group.add_argument("--exit-on-eot", action=argparse.BooleanOptionalAction, default=None,
+                       help="the early exit also stops at an end-of-turn token (DIFFA-2's published decoding: no)")
 
 
 DECODING_FLAGS = ("gen_length", "block_length", "steps", "temperature", "cfg_scale", "remasking", "logits_eos_inf",
@@ -88,9 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt", choices=sorted(PROMPTS), help="prompt template (default: the spec's)")
     run.add_argument("--mode", choices=MODES, help="scoring mode (default: the spec's, official)")
     run.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    run.add_argument("--compat", choices=COMPAT_MODES, help="'toolkit' (batch-safe, with the toolkit's fixes) or "
+                     "'reference' (DIFFA-2's released inference code, docs/reference-compat.md); default: the "
+                     "checkpoint's")  # fmt: skip
     run.add_argument("--spec", help="benchmark spec YAML (default: eval/<benchmark>.yaml, else built-in)")
     run.add_argument("--hf-revision", help="Hugging Face dataset revision to pin")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_option(run)
     _add_decoding(run)
 
     score = sub.add_parser("score", help="rescore a predictions file in the official submission format",
@@ -113,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from diffa2.eval.runner import RunOptions, run_benchmark
 
+    apply_threads(args.threads, log=lambda message: print(f"[diffa2.eval] {message}", file=sys.stderr))
     decoding = decoding_overrides(args)
     model = args.model or load_spec(args.benchmark, args.spec).default_model
     if model is None:
@@ -123,8 +140,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options = RunOptions(
         benchmark=args.benchmark, model=model, data=args.data, audio_root=args.audio_root, out=args.out,
         batch_size=args.batch_size, limit=args.limit, seed=args.seed, prompt=args.prompt, mode=args.mode,
-        decoding=decoding, device=args.device, spec_file=args.spec, hf_revision=args.hf_revision,
-        progress=not args.no_progress,
+        profile=args.profile, decoding=decoding, device=args.device, spec_file=args.spec, hf_revision=args.hf_revision,
+        progress=not args.no_progress, compat=args.compat,
     )  # fmt: skip
     run_benchmark(options)
     return 0
@@ -156,10 +173,10 @@ def _cmd_prompts(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_checked(build_parser(), argv)
     try:
         return {"run": _cmd_run, "score": _cmd_score, "prompts": _cmd_prompts}[args.command](args)
-    except (DataError, SpecError, ValueError) as exc:
+    except (DataError, SpecError, ValueError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

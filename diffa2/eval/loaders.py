@@ -1,6 +1,6 @@
 """Read, validate and write benchmark files in their official formats.
 
-Formats (field lists from /work/shared/reference/benchmarks.md §1.1, §2.1, §3.1 and diffa2-model.md §7):
+Formats (field lists from docs/benchmarks.md §1.1, §2.1, §3.1 and docs/model.md §7):
 
 * ``mmau_json`` -- MMAU (and the synthetic ``synth`` split): a JSON list of records with ``id``, ``audio_id``
   (path relative to the audio root, e.g. ``./test-mini-audios/<id>.wav``), ``question``, ``choices`` (list),
@@ -209,7 +209,7 @@ def choices_of(record: dict[str, Any], fmt: str) -> list[Any]:
         return [record.get(k) for k in MMSU_CHOICE_KEYS]
     choices = record.get("choices")
     if isinstance(choices, str):
-        # Some mirrors (lmms-lab/mmau) store the list as a JSON string (benchmarks.md §1.1).
+        # Some mirrors (lmms-lab/mmau) store the list as a JSON string (docs/benchmarks.md §1.1).
         try:
             choices = json.loads(choices)
         except (ValueError, RecursionError):
@@ -306,7 +306,7 @@ def _audio_problems(record: dict, where: str, fmt: str) -> list[str]:
     return []
 
 
-# Fields only one format has (benchmarks.md §1.1, §2.1, §3.1): MMAU's audio_id, MMAR's audio_path + modality,
+# Fields only one format has (docs/benchmarks.md §1.1, §2.1, §3.1): MMAU's audio_id, MMAR's audio_path + modality,
 # MMSU's choice_a + answer_gt.
 FORMAT_MARKS = {"mmau_json": "audio_id", "mmar_jsonl": "audio_path, modality", "mmsu": "choice_a, answer_gt"}
 

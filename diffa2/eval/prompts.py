@@ -4,16 +4,16 @@ A template turns (question, choices) into the *instruction* text; ``diffa2.chat`
 with the audio slot. ``choices`` is a list whose entries may be ``None`` (MMSU's unused ``choice_c``/``choice_d``
 on 2-choice items): option letters follow the position in the list, so a letter always maps back to the same
 field, and ``None`` options are left out, except by the official MMSU templates, which reproduce the official
-inference script printing "C. None" (benchmarks.md §3.1, "Prompt trap").
+inference script printing "C. None" (docs/benchmarks.md §3.1, "Prompt trap").
 
-Sources (all described in /work/shared/reference/benchmarks.md and diffa2-model.md; wording reproduced, code
+Sources (all described in docs/benchmarks.md and docs/model.md; wording reproduced, code
 written here):
 
 ===================  ==========================================================================================
 name                 source
 ===================  ==========================================================================================
-diffa                DIFFA / DIFFA-2 MMAU prompt, reused for MMAR (diffa2-model.md §7; benchmarks.md §1.3)
-diffa_mmsu           DIFFA / DIFFA-2 MMSU prompt = old official MMSU template (diffa2-model.md §7; §3.3)
+diffa                DIFFA / DIFFA-2 MMAU prompt, reused for MMAR (docs/model.md §7; docs/benchmarks.md §1.3)
+diffa_mmsu           DIFFA / DIFFA-2 MMSU prompt = old official MMSU template (docs/benchmarks.md §3.3)
 mmsu_official        new official MMSU template, nulls printed as "None" (dingdongwang/MMSU:mmsu_inference.py)
 mmsu_official_v1     old official MMSU template, nulls printed as "None" (dingdongwang/MMSU_Bench)
 mmau_authors         MMAU authors' recommendation (Sakshi113/MMAU issue #3)
@@ -41,7 +41,7 @@ from diffa2.data.tokenizer import MMAU_INSTRUCTION, MMSU_INSTRUCTION
 
 Render = Callable[[str, Sequence[str | None]], str]
 
-# The new official MMSU instruction (dingdongwang/MMSU:mmsu_inference.py, benchmarks.md §3.3).
+# The new official MMSU instruction (dingdongwang/MMSU:mmsu_inference.py, docs/benchmarks.md §3.3).
 MMSU_INSTRUCTION_V2 = (
     "Choose the most suitable answer from options A, B, C, and D. You must respond with only A, B, C, or D."
 )
@@ -109,13 +109,13 @@ def _present(choices: Sequence[str | None]) -> list[str]:
 # --- DIFFA-2's own prompts (the defaults) ---------------------------------------------------------------------
 
 
-@register_prompt("diffa", answer_style="text", source="DIFFA-2 inference_mmau.py (diffa2-model.md §7)")
+@register_prompt("diffa", answer_style="text", source="DIFFA-2 inference_mmau.py (docs/model.md §7)")
 def _diffa(question: str, choices: Sequence[str | None]) -> str:
     # Same layout as the MC items the synthetic corpus trains with (diffa2.data.synth.format_mc_prompt).
     return "\n".join([MMAU_INSTRUCTION, f"Question: {question}", "Choices:", *_options(choices, "{L}. {c}"), "Answer:"])
 
 
-@register_prompt("diffa_mmsu", answer_style="letter", source="DIFFA-2 inference_mmsu.py (diffa2-model.md §7)")
+@register_prompt("diffa_mmsu", answer_style="letter", source="DIFFA-2 inference_mmsu.py (docs/model.md §7)")
 def _diffa_mmsu(question: str, choices: Sequence[str | None]) -> str:
     return f"{MMSU_INSTRUCTION}\n\nQuestion: {question}\n\n" + "\n".join(_options(choices, "{L}. {c}"))
 

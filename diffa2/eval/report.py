@@ -3,8 +3,8 @@
 ``report.json`` always has ``overall`` = {correct, total, accuracy} (accuracy in percent, micro over the counted
 items) and ``breakdown`` = {field: {value: {correct, total, accuracy}}}, plus the mode, the counts behind the
 denominator (missing / empty / unparseable predictions, wrong-format rate, audio problems), data quirks, warnings
-and, for runs, decoding settings, model and data identity and the seed. Nothing time-dependent goes in these
-files, so a resumed run writes the same bytes as an uninterrupted one.
+and, for runs (``run``), the decoding profile's name and full settings, model and data identity and the seed.
+Nothing time-dependent goes in these files, so a resumed run writes the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from diffa2.eval.specs import BenchmarkSpec
 from diffa2.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 MODE_NOTES = {
-    "official": "official rule; records without a prediction are left out of the count"
-    " (MMSU: wrong-format responses too)",
+    "official": "official rule; records without a prediction are left out of the count (MMSU: counted wrong; "
+    "null and wrong-format responses are left out)",
     "strict": "official rule; every record counts, missing or unparseable predictions are wrong",
     "normalized": "final answer extracted first (<answer> tag, option letter -> text, 'The answer is X'),"
     " then the official rule",
@@ -30,7 +30,8 @@ MODE_NOTES = {
 
 
 def data_quirks(records: Sequence[Record], spec: BenchmarkSpec) -> dict[str, Any]:
-    """Counts of the data's edge cases (benchmarks.md §1.1, §2.1, §3.1) so a report shows they were handled."""
+    """Counts of the data's edge cases (list-valued labels, duplicate or indistinguishable choices, values outside
+    the official scorer's tables) so a report shows they were handled."""
     n_choices: Counter[int] = Counter()
     duplicates = indistinguishable = as_list = no_answer = 0
     unexpected: dict[str, Counter[str]] = {}
@@ -143,12 +144,25 @@ def format_table(report: dict[str, Any]) -> str:
         f"null {c['prediction_null']}, empty {c['prediction_empty']}, unparseable {c['prediction_unparseable']}; "
         f"wrong-format rate {_pct(c['wrong_format_rate'])}%"
     )
+    if "run" in report:
+        lines.append(f"  decoding profile: {decoding_summary(report['run'])}")
     for key in ("audio_missing", "audio_unreadable", "audio_trimmed"):
         if key in c:
             lines.append(f"  {key.replace('_', ' ')}: {c[key]}")
     for w in report["warnings"]:
         lines.append(f"  warning: {w}")
     return "\n".join(lines)
+
+
+def decoding_summary(run: dict[str, Any]) -> str:
+    """A run's decoding in one line: profile name, lengths and the speed settings that are on."""
+    d = run["decoding"]
+    speed = [f"{k} {d[k]}" for k in ("threshold", "factor", "cache") if d.get(k) not in (None, "none")]
+    speed += [k for k in ("factor_quirk", "eos_early_exit") if d.get(k)]
+    if d.get("eos_early_exit") and d.get("exit_on_eot") is False:
+        speed.append("EOS only")
+    lengths = f"{d['gen_length']}/{d['block_length']}/{d['steps']}, temperature {d['temperature']}"
+    return f"{run.get('profile', 'custom')} ({lengths}; {', '.join(speed) or 'one token per step'})"
 
 
 def to_markdown(report: dict[str, Any], chart_name: str | None = None) -> str:

@@ -17,9 +17,14 @@ byte-identical to a single-process run's, and any rerun resumes whatever the num
 Seeds. Each item gets its own decoding seed derived from ``--seed`` and its id, so results do not depend on
 batch composition or order.
 
-Audio. Missing or unreadable audio is recorded (``audio_error`` in the predictions, no prediction key, so the
-official scripts skip the item like our official mode; strict mode counts it wrong) and counted in the report;
-clips longer than the model's window are trimmed and counted.
+Audio. Missing or unreadable audio is recorded (``audio_error`` in the predictions and no prediction key, which
+the official scripts count as they do: MMAU's and MMAR's skip the record, MMSU's counts it wrong; strict mode
+counts it wrong), named in the report's warnings, and retried by the next run of the same command. A run that finds
+not one of its audio files (a wrong ``--audio-root``) stops before loading the model. Clips longer than the model's
+window are trimmed and counted.
+
+One run per output folder: rank 0 holds a lock file naming its PID and host (``diffa2.run_lock``) while it runs;
+a second run into the same folder is refused.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from diffa2.eval.scoring import normalize_prediction, score_records
 from diffa2.eval.sharding import Shard, log_paths
 from diffa2.eval.specs import BenchmarkSpec, load_spec
 from diffa2.io import atomic_write_json, atomic_write_text
+from diffa2.run_lock import RunLock
 
 SAMPLE_CHUNK = 1 << 16  # bytes per sampled chunk of a large weight file
 SAMPLE_CHUNKS = 32
@@ -71,9 +77,11 @@ class RunOptions:
     limit: int | None = None
     seed: int = 0
     prompt: str | None = None  # template name; default: the spec's
+    profile: str | None = None  # decoding profile; default: `paper` for a released DIFFA-2, else the spec's
     mode: str | None = None  # scoring mode; default: the spec's
     decoding: dict[str, Any] = dataclasses.field(default_factory=dict)
     device: str | None = None  # default: cuda when available, else cpu
+    compat: str | None = None  # "toolkit" or "reference" (docs/reference-compat.md); default: the checkpoint's
     spec_file: str | None = None
     hf_revision: str | None = None
     progress: bool = True
@@ -148,11 +156,34 @@ def read_partial(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def read_logs(directory: Path, stem: str) -> dict[str, dict[str, Any]]:
-    """Finished items of every log of one run identity (one process's, or each rank's of a sharded run)."""
+    """Finished items of every log of one run identity (one process's, or each rank's of a sharded run); a
+    decoded entry wins over an audio failure of the same item (retried later, perhaps by another rank)."""
     done: dict[str, dict[str, Any]] = {}
     for path in log_paths(directory, stem):
-        done.update(read_partial(path))
+        for key, entry in read_partial(path).items():
+            if has_output(entry) or not has_output(done.get(key)):
+                done[key] = entry
     return done
+
+
+def has_output(entry: dict[str, Any] | None) -> bool:
+    """Whether a log entry holds an answer (an entry for missing or unreadable audio does not: it is retried)."""
+    return entry is not None and "output" in entry
+
+
+def first_ids(ids: Sequence[str], shown: int = 5) -> str:
+    """'a, b, c' or 'a, b, c, d, e and 7 more'."""
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more
+
+
+def check_audio_found(items: Sequence[Item], audio_root: Path) -> None:
+    """Refuse a run in which not one audio file exists (a wrong --audio-root, say), before the model is loaded."""
+    files = [item.audio.path for item in items if item.audio.data is None and item.audio.path is not None]
+    if not files or len(files) < len(items) or any(path.exists() for path in files):
+        return
+    raise DataError([f"none of the {len(files)} audio files was found under {audio_root.resolve()} (the first "
+                     f"looked for: {files[0]}); check --audio-root (default: the data file's folder)"])
 
 
 def shard_note(shard: Shard, owned: int) -> str:
@@ -178,8 +209,21 @@ def append_partial(path: Path, entries: Sequence[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def resolve_spec(options: RunOptions) -> BenchmarkSpec:
+def model_release(model: Any) -> str | None:
+    """Where a released DIFFA-2 checkpoint came from; None for a model this toolkit trained."""
+    return getattr(model.config, "release", None)
+
+
+def compat_identity(compat: str, override: str | None) -> dict[str, str]:
+    """The compat entry of a run's identity: absent for the toolkit default (earlier runs keep their fingerprint),
+    present whenever it was asked for or is not the default (a checkpoint's own setting is in its fingerprint)."""
+    return {} if compat == "toolkit" and override is None else {"compat": compat}
+
+
+def resolve_spec(options: RunOptions, release: str | None = None) -> BenchmarkSpec:
+    """The spec with its decoding profile (`options.profile`, else the default for `release`) and the overrides."""
     spec = load_spec(options.benchmark, options.spec_file)
+    spec = spec.with_profile(options.profile or spec.default_profile(release))
     changes: dict[str, Any] = {}
     if options.prompt:
         get_prompt(options.prompt)  # unknown names fail here, listing the valid ones
@@ -238,12 +282,16 @@ def run_benchmark(
     if options.limit is not None:
         records = records[: max(options.limit, 0)]
     items = to_items(records, spec, audio_root)
+    check_audio_found(items, audio_root)
+    lock = RunLock(out, log).acquire() if shard.is_main else None  # one run per output folder
 
     # Model and everything that changes an answer.
     if qa is None:
         from diffa2.inference import AudioQA
 
-        qa = AudioQA.from_checkpoint(options.model, device=options.device or shard.default_device())
+        qa = AudioQA.from_checkpoint(options.model, device=options.device or shard.default_device(),
+                                     compat=options.compat)  # fmt: skip
+    spec = resolve_spec(options, model_release(qa.model))  # the profile depends on the model
     device_type = str(getattr(qa, "device", options.device or "cpu")).split(":")[0]
     window = float(qa.model.config.window_seconds)
     template = get_prompt(spec.prompt)
@@ -260,18 +308,22 @@ def run_benchmark(
         "seed": options.seed,
         "window_seconds": window,
         "device_type": device_type,
-    }
+    } | compat_identity(qa.model.config.compat, options.compat)
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     stem = f"{spec.name}-{fingerprint}"
     partial = shard.log_path(out / "partial", stem)
     keys = [item_key(item, p) for item, p in zip(items, prompts, strict=True)]
     done = read_logs(out / "partial", stem)
     mine = [i for i in range(len(items)) if shard.owns(i)]
-    todo = [i for i in mine if keys[i] not in done]
+    todo = [i for i in mine if not has_output(done.get(keys[i]))]
     log(f"[diffa2.eval] {spec.name}: {len(items)} items{shard_note(shard, len(mine))}, "
         f"{len(mine) - len(todo)} already done "
-        f"({partial}), batch size {options.batch_size}, prompt {spec.prompt!r}, decoding "
+        f"({partial}), batch size {options.batch_size}, prompt {spec.prompt!r}, decoding profile {spec.profile!r} "
         f"{decode.gen_length}/{decode.block_length}/{decode.steps}")  # fmt: skip
+    retried = [items[i].id for i in todo if keys[i] in done]
+    if retried:
+        log(f"[diffa2.eval] retrying {len(retried)} item(s) whose audio was missing or unreadable before: "
+            f"{first_ids(retried)}")  # fmt: skip
 
     # Decode what is left, appending every batch as soon as it is finished.
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=spec.name, unit="item",
@@ -329,11 +381,13 @@ def run_benchmark(
         "limit": options.limit,
         "prompt": spec.prompt,
         "prompt_fingerprint": template.fingerprint(),
+        "profile": spec.profile,
         "decoding": dataclasses.asdict(decode),
         "seed": options.seed,
         "seed_rule": "per item: sha256(seed, id) -> 31-bit",
         "window_seconds": window,
         "device_type": device_type,
+        "compat": qa.model.config.compat,
         "fingerprint": fingerprint,
     }
     paths = finalize(spec, items, prompts, entries, out, run_info)
@@ -344,6 +398,7 @@ def run_benchmark(
     log(format_table(report))
     log(f"[diffa2.eval] decoded {decoded} item(s) in {seconds:.1f} s; files in {out}: "
         f"{paths['predictions'].name}, samples.jsonl, report.json, report.md, report.png")  # fmt: skip
+    lock.release()
     return RunResult(report, paths, decoded, seconds)
 
 
@@ -396,10 +451,13 @@ def finalize(
         "predictions": pred_path.name,
         "run": run_info,
     }
-    bad_audio = extra["counts"]["audio_missing"] + extra["counts"]["audio_unreadable"]
-    if bad_audio:
-        extra["warnings"] = [f"{bad_audio} item(s) had missing or unreadable audio: no prediction written "
-                             f"({'counted wrong' if spec.mode == 'strict' else 'left out of the count'})"]  # fmt: skip
+    failed = [(item.id, s) for item, e, s in zip(items, entries, result.items, strict=True) if not has_output(e)]
+    if failed:
+        wrong = sum(s.counted for _, s in failed)  # as the official script counts a record without a prediction
+        ids = first_ids([item_id for item_id, _ in failed])
+        extra["warnings"] = [f"{len(failed)} item(s) had missing or unreadable audio ({ids}): no prediction "
+                             f"written, {wrong} counted wrong and {len(failed) - wrong} left out of the count; "
+                             f"rerun the same command to retry them"]  # fmt: skip
     report = build_report(result, extra)
     write_predictions(pred_path, rows)
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))

@@ -1,34 +1,38 @@
 """Official scoring rules of MMAU, MMAR and MMSU, in three modes, with no random fallback anywhere.
 
-The rules are written here from the behaviour documented in /work/shared/reference/benchmarks.md (which
-describes Sakshi113/MMAU@7468292 evaluation.py, ddlBoJack/MMAR code/evaluation.py and dingdongwang/MMSU@217d1d3
-mmsu_evaluation.py); no code is copied.
+The rules are written here from the behaviour of the official scripts (Sakshi113/MMAU@7468292 evaluation.py,
+ddlBoJack/MMAR code/evaluation.py, dingdongwang/MMSU@217d1d3 mmsu_evaluation.py; restated with their sources in
+docs/benchmarks.md); no code is copied.
 
 Rules
 -----
-``mmau_wordset`` (MMAU and MMAR, §1.2 and §2.2): a text is the *set* of lower-cased ``\\b\\w+\\b`` matches. A
+``mmau_wordset`` (MMAU and MMAR): a text is the *set* of lower-cased ``\\b\\w+\\b`` matches. A
 prediction without tokens is wrong. The "incorrect" tokens are, over every option whose token set differs from
 the answer's, that option's tokens minus the answer's (options with the answer's exact token set, duplicates of
 the answer included, add nothing). Correct iff answer tokens <= prediction tokens and the prediction has no
 incorrect token.
 
-``mmsu_letter`` (MMSU, §3.2, newer scorer): strip the response and delete newlines; the letter is the first
+``mmsu_letter`` (MMSU, newer scorer): strip the response and delete newlines; the letter is the first
 character if it is one of ``A B C D``, else the second-to-last character if it is one of them; correct iff the
 text of that option equals ``answer_gt``. A response without such a letter is "Wrong format" and is dropped
-from numerator and denominator. Empty (or ``None``) responses are counted as wrong: the newer scorer resets the
-parsed letter per record, so they reach the comparison with no letter (reading of §3.2, "Version differences").
+from numerator and denominator. Empty and "None" responses are counted as wrong: the scorer resets the parsed
+letter per record, so they reach the comparison with no letter. A record without a ``response`` key is read as
+an empty response (``record.get('response', '')``): counted wrong. A JSON ``null`` (or any non-string) response
+makes ``.strip()`` fail; the script prints "Error prediction!" and skips the record: left out of the count.
 
 Modes
 -----
-``official``  exactly the rule; records without the prediction key are left out of the count (the official
-              scripts ``continue``); MMSU wrong-format responses are left out.
+``official``  exactly the rule and the script's counting: MMAU/MMAR records without the prediction key are left
+              out (the scripts ``continue``), MMSU's are counted wrong; MMSU wrong-format and null responses
+              are left out.
 ``strict``    the rule, but every record counts: missing, null, non-string and unparseable predictions are wrong.
 ``normalized`` a final answer is extracted first (first ``<answer>`` tag, a bare or parenthesised option
               letter mapped to its choice text, "The answer is X", a leading "X." / "(X)" marker), then the
               official rule applies.
 
-Where the official scripts would crash (a ``null`` MMAU/MMAR prediction, a non-string one), we never crash: the
-record is left out in official mode and counted wrong in strict mode, and the report counts it.
+Where the official MMAU/MMAR scripts would crash (a ``null`` prediction, a non-string one), we never crash: the
+record is left out in official mode (as MMSU's script does) and counted wrong in strict mode, and the report
+counts it.
 """
 
 from __future__ import annotations
@@ -245,13 +249,14 @@ def score_record(record: dict[str, Any], where: str, spec: BenchmarkSpec, mode: 
     """Apply `spec.rule` under `mode` to the prediction stored under `key` in one record."""
     item_id = None if record.get("id") is None else str(record.get("id"))
     strict = mode == "strict"
-    if key not in record:
-        return ItemScore(where, item_id, MISSING, strict, False, False, None)
-    value = record[key]
     mmsu = spec.rule == "mmsu_letter"
+    if key not in record:
+        # MMSU's script reads a missing response as empty (counted wrong); MMAU's and MMAR's skip the record.
+        return ItemScore(where, item_id, MISSING, strict or mmsu, False, False, None)
+    value = record[key]
     if value is None:
-        # MMAU/MMAR: the official script crashes on None; MMSU's prints/compares it like "None" (counted wrong).
-        return ItemScore(where, item_id, NULL, strict or mmsu, False, False, None)
+        # MMAU's and MMAR's scripts crash on null; MMSU's fails on it, prints "Error prediction!" and skips it.
+        return ItemScore(where, item_id, NULL, strict, False, False, None)
     if not isinstance(value, str):
         return ItemScore(where, item_id, NOT_STRING, strict, False, False, None)
     text = normalize_prediction(value, record, spec) if mode == "normalized" else value

@@ -4,8 +4,12 @@ One typed source of defaults (``BUILTIN_SPECS``); the YAML files in the reposito
 documented recipes and load into the same dataclass (unknown keys are errors, ``include:`` merges a base file).
 A test checks that every shipped YAML equals its built-in spec, so a checkout and an installed package agree.
 
-Facts (keys, breakdown axes, label sets, data versions) come from /work/shared/reference/benchmarks.md §1-3 and
-DIFFA-2's evaluation settings from /work/shared/reference/diffa2-model.md §7.
+Facts (keys, breakdown axes, label sets, data versions) come from each benchmark's official repository (named in
+its spec) and DIFFA-2's evaluation settings from NKU-HLT/DIFFA, DIFFA-2/run_mm{su,au,ar}_inference.sh.
+
+Decoding profiles: a spec's `decoding` is the profile named by `profile` (`parallel`, the toolkit's default);
+`profiles` holds the others. MMSU, MMAU and MMAR carry `paper`, the decoding of DIFFA-2's published inference
+scripts, which is the default for a released DIFFA-2 checkpoint (`default_profile`; docs/decoding.md §5.3).
 """
 
 from __future__ import annotations
@@ -32,12 +36,26 @@ class SpecError(ValueError):
     """A spec file that cannot be used; the message names the file and the key."""
 
 
+PAPER_PROFILE = "paper"
+# DIFFA-2's inference scripts (DIFFA-2/run_mm{su,au,ar}_inference.sh) decode 16 tokens in one block of 16 steps,
+# greedy, no CFG, low-confidence remasking.
+DIFFA2_LENGTHS: dict[str, Any] = {"gen_length": 16, "block_length": 16, "steps": 16, "temperature": 0.0,
+                                  "cfg_scale": 0.0, "remasking": "low_confidence"}  # fmt: skip
+
+
 def _diffa2_decoding() -> DecodeConfig:
-    # DIFFA-2 evaluated MMAU, MMAR and MMSU with steps 16, block 16, gen length 16, greedy, cfg 0,
-    # low-confidence remasking (diffa2-model.md §7: DIFFA-2/run_mm{au,ar,su}_inference.sh); decoded with the
-    # default speed mode, DEFAULT_MODE (issue 6; `--decode-mode reference` restores DIFFA-2's decoder).
-    return DecodeConfig.preset(DEFAULT_MODE, gen_length=16, block_length=16, steps=16, temperature=0.0,
-                               cfg_scale=0.0, remasking="low_confidence")  # fmt: skip
+    """DIFFA-2's lengths with the default speed mode, DEFAULT_MODE (issue 6): the `parallel` profile."""
+    return DecodeConfig.preset(DEFAULT_MODE, **DIFFA2_LENGTHS)
+
+
+def paper_decoding() -> DecodeConfig:
+    """The `paper` profile: `--accelerate fast_dllm` of DIFFA-2's scripts (factor 1.0 with the rule's edge case as
+    coded, EOS early exit, no cache) at DIFFA-2's lengths."""
+    return DecodeConfig.preset("fpd", factor_quirk=True, exit_on_eot=False, **DIFFA2_LENGTHS)
+
+
+def _paper_profiles() -> dict[str, DecodeConfig]:
+    return {PAPER_PROFILE: paper_decoding()}
 
 
 @dataclass(frozen=True)
@@ -54,6 +72,8 @@ class BenchmarkSpec:
     hf_split: str = "train"  # split to read when --data is a Hugging Face dataset id
     prompt: str = "diffa"  # template name in diffa2.eval.prompts
     decoding: DecodeConfig = field(default_factory=_diffa2_decoding)
+    profile: str = DEFAULT_MODE  # the name of the decoding profile `decoding` holds
+    profiles: dict[str, DecodeConfig] = field(default_factory=dict)  # the other named decoding profiles
     rule: str = "mmau_wordset"  # one of RULES
     mode: str = "official"  # one of MODES
     prediction_key: str = "model_output"  # the key the official scorer reads
@@ -78,6 +98,20 @@ class BenchmarkSpec:
     def replace(self, **changes: Any) -> BenchmarkSpec:
         return dataclasses.replace(self, **changes)
 
+    def with_profile(self, name: str) -> BenchmarkSpec:
+        """This spec decoding with profile `name`; the profile it replaces joins `profiles`."""
+        if name == self.profile:
+            return self
+        if name not in self.profiles:
+            raise SpecError(f"spec {self.name!r} has no decoding profile {name!r}; choose one of "
+                            f"{sorted({self.profile, *self.profiles})}")  # fmt: skip
+        others = {k: v for k, v in self.profiles.items() if k != name} | {self.profile: self.decoding}
+        return self.replace(decoding=self.profiles[name], profile=name, profiles=others)
+
+    def default_profile(self, release: str | None) -> str:
+        """`paper` for a released DIFFA-2 checkpoint (`release` set) where the spec has it, else its own."""
+        return PAPER_PROFILE if release is not None and PAPER_PROFILE in self.profiles else self.profile
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["extra_prediction_keys"] = list(self.extra_prediction_keys)
@@ -92,7 +126,7 @@ class BenchmarkSpec:
 
 _MMAU_TASKS = ("sound", "music", "speech")
 _MMAU_DIFFICULTIES = ("easy", "medium", "hard")
-# MMAR's scorer has fixed modality and category tables (benchmarks.md §2.1-2.2).
+# MMAR's scorer has fixed modality and category tables (ddlBoJack/MMAR code/evaluation.py).
 _MMAR_MODALITIES = ("sound", "music", "speech", "mix-sound-music", "mix-sound-speech", "mix-music-speech",
                     "mix-sound-music-speech")  # fmt: skip
 _MMAR_CATEGORIES = ("Signal Layer", "Perception Layer", "Semantic Layer", "Cultural Layer")
@@ -105,6 +139,7 @@ BUILTIN_SPECS: dict[str, BenchmarkSpec] = {
         format="mmau_json",
         data_version="MMAU-v05.15.25 (mmau-test-mini.json, Sakshi113/MMAU@f0a4a97)",
         prompt="diffa",
+        profiles=_paper_profiles(),
         rule="mmau_wordset",
         prediction_key="model_output",  # read by evaluation.py since 7468292 (2025-01-29)
         extra_prediction_keys=("model_prediction",),  # the README's key, read by older forks (e.g. DIFFA's)
@@ -118,7 +153,8 @@ BUILTIN_SPECS: dict[str, BenchmarkSpec] = {
         description="MMAR (1,000 items), scored with ddlBoJack/MMAR code/evaluation.py's rule (MMAU's, unchanged)",
         format="mmar_jsonl",
         data_version="MMAR-meta.jsonl (ddlBoJack/MMAR@a355584, 2026-02-16)",
-        prompt="diffa",  # DIFFA-2 reuses its MMAU script and prompt on MMAR (diffa2-model.md §7)
+        prompt="diffa",  # DIFFA-2 reuses its MMAU script and prompt on MMAR (DIFFA-2/run_mmar_inference.sh)
+        profiles=_paper_profiles(),
         rule="mmau_wordset",
         prediction_key="answer_prediction",
         predictions_file="predictions.jsonl",  # the scorer picks JSON or JSONL by extension
@@ -134,6 +170,7 @@ BUILTIN_SPECS: dict[str, BenchmarkSpec] = {
         default_data="ddwang2000/MMSU",
         hf_split="train",
         prompt="diffa_mmsu",
+        profiles=_paper_profiles(),
         rule="mmsu_letter",
         prediction_key="response",
         predictions_file="predictions.jsonl",
@@ -194,6 +231,19 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return merged
 
 
+def _decoding_from(settings: Any, base: DecodeConfig, source: str, where: str = "") -> DecodeConfig:
+    """`base` with the keys of a YAML decoding mapping set; unknown keys and invalid settings are named."""
+    if not isinstance(settings, dict):
+        raise SpecError(f"{source}{where}: decoding must be a mapping of {sorted(_DECODE_FIELDS)}")
+    bad = sorted(set(settings) - _DECODE_FIELDS)
+    if bad:
+        raise SpecError(f"{source}{where}: unknown decoding key(s) {bad}; valid keys: {sorted(_DECODE_FIELDS)}")
+    try:
+        return dataclasses.replace(base, **settings)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{source}{where}: decoding: {exc}") from exc
+
+
 def spec_from_dict(data: dict[str, Any], source: str = "spec") -> BenchmarkSpec:
     """Build a spec from a mapping, rejecting unknown keys; missing keys come from the built-in spec of `name`."""
     unknown = sorted(set(data) - _FIELDS)
@@ -205,16 +255,14 @@ def spec_from_dict(data: dict[str, Any], source: str = "spec") -> BenchmarkSpec:
     base = BUILTIN_SPECS[name]
     values = dict(data)
     if "decoding" in values:
-        decoding = values["decoding"]
-        if not isinstance(decoding, dict):
-            raise SpecError(f"{source}: decoding must be a mapping of {sorted(_DECODE_FIELDS)}")
-        bad = sorted(set(decoding) - _DECODE_FIELDS)
-        if bad:
-            raise SpecError(f"{source}: unknown decoding key(s) {bad}; valid keys: {sorted(_DECODE_FIELDS)}")
-        try:
-            values["decoding"] = dataclasses.replace(base.decoding, **decoding)
-        except (TypeError, ValueError) as exc:
-            raise SpecError(f"{source}: decoding: {exc}") from exc
+        values["decoding"] = _decoding_from(values["decoding"], base.decoding, source)
+    if "profiles" in values:
+        profiles = values["profiles"] or {}
+        if not isinstance(profiles, dict):
+            raise SpecError(f"{source}: profiles must be a mapping of name: decoding mapping")
+        values["profiles"] = {profile: _decoding_from(settings, base.profiles.get(profile, DecodeConfig()), source,
+                                                      f" profiles.{profile}")
+                              for profile, settings in profiles.items()}  # fmt: skip
     for key in ("extra_prediction_keys", "breakdown"):
         if key in values:
             values[key] = tuple(values[key] or ())

@@ -1,8 +1,11 @@
-"""The two speech adapters between the Whisper encoder and the LLM (DIFFA-2, `reference/diffa2-model.md` §2.2-2.3).
+"""The two speech adapters between the Whisper encoder and the LLM (DIFFA-2; NKU-HLT/DIFFA DIFFA-2/src/subsample.py
+`WhisperProjector` and DIFFA-2/src/modeling_DIFFA.py `QformerConnector`).
 
 - `SemanticAdapter`: conv x4 downsampling (50 Hz -> 12.5 Hz) + MLP to the LLM width; carries *what* is said.
-- `AcousticAdapter`: a Q-Former over tapped encoder layers; carries *how* it sounds. Unlike the reference it
-  masks padded encoder frames in cross-attention, so a clip gives the same queries alone or in a batch.
+- `AcousticAdapter`: a Q-Former over tapped encoder layers; carries *how* it sounds. By default (toolkit) it masks
+  padded encoder frames in cross-attention, so a clip's queries do not depend on the silence that pads its window;
+  with `mask_padding=False` it attends to every frame of the window, as the reference was trained
+  (docs/reference-compat.md).
 """
 
 from __future__ import annotations
@@ -82,15 +85,22 @@ class AcousticAdapter(nn.Module):
         self.norm = nn.LayerNorm(encoder_dim)
         self.proj = nn.Linear(encoder_dim, llm_dim)
 
-    def forward(self, hidden_states: tuple[torch.Tensor, ...], lengths: torch.Tensor) -> torch.Tensor:
-        """Encoder hidden states (all layers, `[B, T, d]` each) and real frame counts -> `[B, Q, D]`."""
+    @staticmethod
+    def padding_bias(lengths: torch.Tensor, n_taps: int, frames: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive cross-attention mask `[n_taps*B, 1, 1, T]`: 0 on real frames, very negative on padding."""
+        frame_is_real = torch.arange(frames, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
+        bias = torch.zeros(frame_is_real.shape, dtype=dtype, device=lengths.device)
+        bias = bias.masked_fill(~frame_is_real, torch.finfo(dtype).min)
+        return bias[:, None, None, :].repeat(n_taps, 1, 1, 1)
+
+    def forward(
+        self, hidden_states: tuple[torch.Tensor, ...], lengths: torch.Tensor, *, mask_padding: bool = True
+    ) -> torch.Tensor:
+        """Encoder hidden states (all layers, `[B, T, d]` each) and real frame counts -> `[B, Q, D]`; without
+        `mask_padding` the queries also read the padding frames (the reference's behaviour)."""
         taps = torch.stack([hidden_states[i] for i in self.tap_layers], dim=0)  # (n_taps, B, T, d)
         n_taps, batch, frames, dim = taps.shape
-        frame_is_real = torch.arange(frames, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
-        # Additive cross-attention mask over encoder frames: 0 for real frames, very negative for padding.
-        bias = torch.zeros(batch, frames, dtype=taps.dtype, device=taps.device)
-        bias = bias.masked_fill(~frame_is_real, torch.finfo(taps.dtype).min)
-        bias = bias[:, None, None, :].repeat(n_taps, 1, 1, 1)  # (n_taps*B, 1, 1, T)
+        bias = self.padding_bias(lengths, n_taps, frames, taps.dtype) if mask_padding else None
         queries = self.queries[:, None].expand(n_taps, batch, self.num_queries, dim)
         out = self.qformer(
             hidden_states=queries.reshape(n_taps * batch, self.num_queries, dim),

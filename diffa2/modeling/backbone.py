@@ -3,7 +3,7 @@
 LLaDA's `LLaDALlamaBlock` is exactly a Llama decoder layer (RMSNorm, rotate-half RoPE, SwiGLU with
 `ff_proj` as the gate, no biases) with bidirectional attention; only the parameter names differ. This
 module keeps LLaDA's on-disk format (its `config.json` keys and `model.transformer.*` names, see
-`reference/checkpoint-formats.md` §1.2-1.3) at the edges and transformers' `LlamaForCausalLM` inside.
+`docs/checkpoint-formats.md` §1.2-1.3) at the edges and transformers' `LlamaForCausalLM` inside.
 """
 
 from __future__ import annotations

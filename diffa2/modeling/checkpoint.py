@@ -9,14 +9,14 @@ extra), so an adapter that silently failed to load is impossible.
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from diffa2.io import atomic_directory
 from diffa2.modeling.backbone import LLaDABackbone
@@ -57,9 +57,10 @@ def save_pretrained(
     tokenizer: PreTrainedTokenizerBase | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically; with `tokenizer`, a copy is stored so the checkpoint is self-contained.
+    """Write a checkpoint atomically, with a copy of the tokenizer so the checkpoint is self-contained.
 
-    `state_dict` replaces `model.state_dict()` where a distributed engine holds the weights (ZeRO-3 gathers them).
+    `tokenizer` defaults to the one the model's config records. `state_dict` replaces `model.state_dict()` where
+    a distributed engine holds the weights (ZeRO-3 gathers them).
     """
     directory = Path(directory)
     with atomic_directory(directory) as staging:
@@ -75,7 +76,8 @@ def write_checkpoint_files(
 ) -> None:
     """Write config, stored tensors (taken from `state_dict` when a distributed engine gathered it) and tokenizer.
 
-    The config goes last, so a directory without `config.json` is recognisably incomplete.
+    Without `tokenizer`, the tokenizer recorded in the config is copied, if it can be found. The config goes
+    last, so a directory without `config.json` is recognisably incomplete.
     """
     state = model.state_dict() if state_dict is None else state_dict
     tensors = {k: state[k].detach().contiguous().cpu() for k in stored_keys(model)}
@@ -85,12 +87,22 @@ def write_checkpoint_files(
             f"{directory}: refusing to save a checkpoint whose tensor(s) {bad[:10]}{'...' if len(bad) > 10 else ''} "
             f"hold NaN/inf values; the previous checkpoint is kept"
         )
-    config = replace(model.config)
+    config = copy.deepcopy(model.config)
+    tokenizer = tokenizer if tokenizer is not None else recorded_tokenizer(model)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
         config.tokenizer_source = TOKENIZER_DIR
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", "producer": "diffa2"})
     config.save(directory / CONFIG_NAME)
+
+
+def recorded_tokenizer(model: DIFFA2Model) -> PreTrainedTokenizerBase | None:
+    """The tokenizer the model's config records (relative to the directory it was loaded from), if present."""
+    loaded_from = Path(model.config.name_or_path or ".")
+    directory = resolve_source(model.config.tokenizer_source, loaded_from)
+    if directory is None or not directory.is_dir():
+        return None
+    return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
 
 
 def resolve_source(source: str | None, checkpoint_dir: Path) -> Path | None:
@@ -102,10 +114,22 @@ def resolve_source(source: str | None, checkpoint_dir: Path) -> Path | None:
 
 
 def load_pretrained(
-    directory: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    directory: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    tokenizer: str | Path | None = None,
 ) -> DIFFA2Model:
-    """Rebuild a model from a checkpoint directory, loading its bases from their recorded sources."""
+    """Rebuild a model from a checkpoint directory, loading its bases from their recorded sources.
+
+    A DIFFA-2 release folder (docs/release-format.md) is imported as it is; `tokenizer` names the tokenizer
+    folder for it (by default its `tokenizer/` or root tokenizer files). Toolkit checkpoints record their own.
+    """
     directory = Path(directory)
+    from diffa2.modeling import release  # release.py builds on this module
+
+    if release.is_release_dir(directory):
+        return release.load_release(directory, dtype=dtype, device=device, tokenizer=tokenizer)
     config = read_checkpoint_config(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
@@ -116,6 +140,7 @@ def load_pretrained(
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({err})") from err
     load_stored_tensors(model, tensors, source=str(weights))
+    model.config.name_or_path = str(directory)  # relative sources (the tokenizer) resolve against it
     model.to(device)
     if dtype is not None:
         model.to(dtype)
@@ -133,7 +158,7 @@ def read_checkpoint_config(directory: Path) -> DIFFA2Config:
             f"{CONFIG_NAME} + {WEIGHTS_NAME} [+ {TOKENIZER_DIR}/]; {CONFIG_NAME} last){_pickle_note(directory)}"
         )
     try:
-        return DIFFA2Config.from_dict(json.loads(path.read_text()), source=str(path))
+        return DIFFA2Config.from_checkpoint_dict(json.loads(path.read_text()), source=str(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
 
@@ -147,7 +172,9 @@ def _pickle_note(directory: Path) -> str:
 def build_with_bases(config: DIFFA2Config, relative_to: Path = Path(".")) -> DIFFA2Model:
     """Build the model and load base encoder/backbone weights from their sources, then apply LoRA."""
     lora = config.lora
-    model = DIFFA2Model(replace(config, lora=None))
+    bare = copy.deepcopy(config)
+    bare.lora = None
+    model = DIFFA2Model(bare)
     encoder_source = resolve_source(config.encoder_source, relative_to)
     if encoder_source is not None:
         model.encoder.load_state_dict(WhisperSpeechEncoder.from_pretrained(encoder_source).state_dict())

@@ -1,12 +1,12 @@
 """Whisper speech encoder: transformers' ``WhisperEncoder`` plus DIFFA's length bookkeeping and loaders.
 
-Behaviour follows DIFFA's encoder wrapper (/work/shared/reference/diffa2-model.md section 2.1): the encoder
+Behaviour follows DIFFA's encoder wrapper (docs/model.md section 2.1): the encoder
 always sees the full padded window (HF Whisper refuses any other length), the real encoder length of each
 clip is ``(mel_frames - 1) // 2 + 1`` (conv2 has stride 2, giving 50 frames per second), and only
 ``last_hidden_state`` is cut to the batch-max real length; ``hidden_states`` stay full length.
 
 Checkpoints accepted by ``WhisperSpeechEncoder.from_pretrained`` (formats in
-/work/shared/reference/checkpoint-formats.md sections 2-4):
+docs/checkpoint-formats.md sections 2-4):
 
 * a Hugging Face Whisper directory: ``config.json`` plus ``model.safetensors``, sharded safetensors with
   ``model.safetensors.index.json``, or ``pytorch_model.bin``; parameter names prefixed ``model.encoder.``

@@ -7,17 +7,20 @@ Layout of one sequence fed to the backbone (left-padded in a batch, positions co
 
 Every row's answer region starts at the same column, so training and block decoding index it uniformly,
 while padding is invisible to attention and positions restart at 0 for each row: a row's logits do not
-depend on its batch-mates (tested).
+depend on its batch-mates (tested). The one exception is training with `compat="reference"`, where every row's
+semantic span is the batch's longest, as the released DIFFA-2 was trained (docs/reference-compat.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import WhisperConfig
+from transformers import PreTrainedModel, WhisperConfig
 
 from diffa2.modeling.adapters import AcousticAdapter, SemanticAdapter
 from diffa2.modeling.backbone import LLADA_TO_LLAMA_MODULES, LLaDABackbone
@@ -47,12 +50,22 @@ class Prefix:
                       self.is_text.repeat(times, 1))
 
 
-class DIFFA2Model(nn.Module):
-    """Whisper encoder + semantic and acoustic adapters + learned prompts + LLaDA backbone (+ LoRA)."""
+class DIFFA2Model(PreTrainedModel):
+    """Whisper encoder + semantic and acoustic adapters + learned prompts + LLaDA backbone (+ LoRA).
+
+    A transformers `PreTrainedModel`: `from_pretrained` / `save_pretrained` read and write DIFFA-2 checkpoints
+    (only the trained tensors, bases from their recorded sources; `diffa2.modeling.checkpoint`) and DIFFA-2
+    release folders, so transformers' Trainer saves it like any model.
+    """
+
+    config_class = DIFFA2Config
+    base_model_prefix = "diffa2"
+    main_input_name = "input_features"
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: DIFFA2Config) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
+        config = self.config
         whisper = WhisperConfig(**config.encoder)
         llm_dim = int(config.backbone["d_model"])
         self.encoder = WhisperSpeechEncoder(whisper)
@@ -71,18 +84,75 @@ class DIFFA2Model(nn.Module):
         self.backbone = LLaDABackbone(config.backbone)
         if config.lora is not None:
             self._wrap_lora(config.lora)
+        # Every part was initialised at construction exactly as its source model does (Whisper's and Llama's own
+        # `post_init`, PyTorch's defaults, the reference's randn queries): mark them so `post_init` keeps those values.
+        for module in self.modules():
+            module._is_hf_initialized = True
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The construction-time initialisation, for weights transformers materialises later (e.g. from meta)."""
+        if isinstance(module, AcousticAdapter):
+            module.queries.normal_(0.0, 1.0)  # the reference's `torch.randn` queries
+            module.tap_logits.zero_()  # zeros: the taps start equally weighted
+        elif isinstance(module, nn.Linear | nn.Conv1d | nn.LayerNorm | nn.Embedding):
+            module.reset_parameters()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", **kwargs: Any
+    ) -> DIFFA2Model:
+        """Load a DIFFA-2 checkpoint directory (or a DIFFA-2 release folder, see `diffa2.modeling.release`)."""
+        from diffa2.modeling.checkpoint import load_pretrained  # the loader builds this class
+
+        return load_pretrained(path, dtype=dtype, device=device, **kwargs)
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        is_main_process: bool = True,
+        tokenizer: Any = None,
+        **_: Any,
+    ) -> None:
+        """Write the trained tensors, config and tokenizer as a DIFFA-2 checkpoint (what Trainer calls to save).
+
+        Trainer hands in `state_dict` where a distributed engine gathered it (ZeRO-3); other keyword arguments of
+        transformers' signature (sharding, safe_serialization) do not apply: checkpoints are one safetensors file.
+        """
+        if not is_main_process:
+            return
+        from diffa2.modeling.checkpoint import write_checkpoint_files
+
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_checkpoint_files(self, directory, tokenizer, state_dict)
 
     # -- speech path ------------------------------------------------------------------------------
 
+    @property
+    def reference_compat(self) -> bool:
+        """Whether the speech path reproduces DIFFA-2's released code (`config.compat`, docs/reference-compat.md)."""
+        return self.config.compat == "reference"
+
     def encode_speech(self, input_features: torch.Tensor, feature_lengths: torch.Tensor) -> SpeechEmbeddings:
-        """Log-mel `[B, n_mels, F]` and real frame counts -> speech tokens for the stage's speech path."""
+        """Log-mel `[B, n_mels, F]` and real frame counts -> speech tokens for the stage's speech path.
+
+        With `compat="reference"` the Q-Former reads the whole padded window, and in training every row keeps the
+        batch's longest semantic span (padding frames included), as the reference's batch-max truncation gives;
+        at inference each row keeps its own span, what the reference's batch-1 inference gives.
+        """
         enc = self.encoder(input_features, feature_lengths)
         semantic, semantic_lengths = self.semantic_adapter(enc.last_hidden_state, enc.lengths)
         batch = semantic.shape[0]
-        if self.config.stage == 1:
-            lead = self.prompt_embeddings.weight[None].expand(batch, -1, -1)
+        if self.reference_compat and self.training:
+            semantic_lengths = torch.full_like(semantic_lengths, semantic.shape[1])
+        if self.config.uses_acoustic_path:
+            lead = self.acoustic_adapter(enc.hidden_states, enc.lengths, mask_padding=not self.reference_compat)
         else:
-            lead = self.acoustic_adapter(enc.hidden_states, enc.lengths)
+            lead = self.prompt_embeddings.weight[None].expand(batch, -1, -1)
         # Lead tokens have a fixed count, so [lead ; semantic] is already left-aligned per row.
         return SpeechEmbeddings(torch.cat([lead, semantic], dim=1), lead.shape[1] + semantic_lengths)
 

@@ -29,7 +29,8 @@ def encoder_config_of(source: str | Path) -> dict:
 
 
 def real_config(
-    whisper: str | Path, llada: str | Path, *, stage: int = 2, tap_layers: list[int] | None = None
+    whisper: str | Path, llada: str | Path, *, speech_path: str | int = "acoustic+semantic",
+    tap_layers: list[int] | None = None
 ) -> DIFFA2Config:
     """DIFFA-2 at full size: frozen Whisper-large-v3 encoder and LLaDA-8B-Instruct backbone from local paths.
 
@@ -48,7 +49,7 @@ def real_config(
         qformer_heads=int(encoder["encoder_attention_heads"]),
         qformer_intermediate=3072,
         num_prompt_embeddings=20,
-        stage=stage,
+        speech_path=speech_path,
     )
 
 
@@ -97,7 +98,7 @@ def tiny_config(
     llm_heads: int = 4,
     window_seconds: float = 4.0,
     num_queries: int = 8,
-    stage: int = 2,
+    speech_path: str | int = "acoustic+semantic",
     rope_theta: float = 10000.0,
 ) -> DIFFA2Config:
     """DIFFA-2 at laptop size, trained from scratch (encoder and backbone trainable; no base sources).
@@ -129,5 +130,5 @@ def tiny_config(
         qformer_intermediate=2 * encoder_dim,
         qformer_dropout=0.0,
         num_prompt_embeddings=4,
-        stage=stage,
+        speech_path=speech_path,
     )

@@ -1,6 +1,6 @@
 """OpenAI Whisper ``.pt`` checkpoint -> Hugging Face Whisper names and config.
 
-Facts used (restated in /work/shared/reference/checkpoint-formats.md, sections 2-3):
+Facts used (restated in docs/checkpoint-formats.md, sections 2-3):
 
 * The OpenAI file is ``torch.save({"dims": {...10 ints...}, "model_state_dict": {...}})``
   (openai/whisper ``whisper/__init__.py::load_model``).

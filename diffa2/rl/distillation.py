@@ -92,7 +92,7 @@ class SCOPEConfig:
 def scope_advantage(inputs: AdvantageInputs, *, config: SCOPEConfig) -> AdvantageOutput:
     """Correctness-routed, perplexity-weighted distillation and MLE, as one dense advantage.
 
-    Reconstructed from the abstract (`rl-objectives.md` §4.2), not the paper's equation. Within each prompt group:
+    Reconstructed from the abstract (`docs/objectives.md` §4.2), not the paper's equation. Within each prompt group:
     incorrect rollouts get OPD advantages `−λ · w_i · k_t` with `w` from the teacher perplexity
     `PPL_T(i) = exp(−mean_t log π_T)` (scores `sign · PPL_T / τ`); correct rollouts get the MLE advantage `v_i`
     (`−v_i · ∇log π_S`, an SFT step at ratio 1) with `v` from the student perplexity (scores `PPL_S / τ`, so

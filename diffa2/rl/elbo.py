@@ -161,7 +161,7 @@ def token_logprobs(fn: TokenLogprobFn, draws: ElboDraws) -> torch.Tensor:
 class ElboEstimator:
     """LLaDA's masked-token ELBO with budget n = n_t · n_yt.
 
-    Defaults: VRPO's optimal allocation (n_yt = 1) with budget 8 as given in `rl-objectives.md` §6.1 (unconfirmed
+    Defaults: VRPO's optimal allocation (n_yt = 1) with budget 8 as given in `docs/objectives.md` §6.1 (unconfirmed
     there; this project's issue 5 gives 4 for the stage), form "t", and this repository's mask floor eps = 1e-3.
     """
 

@@ -12,7 +12,7 @@ with verl's keys (`actor/pg_clipfrac`, `actor/ppo_kl`, `actor/pg_clipfrac_lower`
 
 All losses are minimised. With the token ratio `r = exp(clamp(logp − logp_old, −20, 20))` (verl's clamp), each
 surrogate's gradient is `∇loss = −W(r, A) · A · ∇logp`; the weight W per region is in each docstring and in
-`README.md` (table from `rl-objectives.md` §2.6).
+`README.md` (table from `docs/objectives.md` §2.6).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Multi-turn advantage estimators: HIAN (DuCA) and GTPO (TRIP-Bench).
 
-Both are **reconstructed from abstracts** (`rl-objectives.md` §5.1, §5.2): the papers' equations were not available,
+Both are **reconstructed from abstracts** (`docs/objectives.md` §5.1, §5.2): the papers' equations were not available,
 so these implement the documented library interface, not a verified formula. Turns are given per rollout as
 `turn_rewards (B, K)` with `turn_mask (B, K)` (the existing turns come first), and tokens are tied to turns by
 `turn_ids (B, T)` (−1 outside any turn). Turn statistics are pooled by `scope`: all turns of the group

@@ -15,7 +15,7 @@ from diffa2.stages.runner import StageSpec
 SPEC = StageSpec(name="acoustic", previous="semantic")
 # Captions are the corpus's longest answers: a wider answer region than the other stages' (ANSWER_TOKENS). The test
 # split is asked with the plain question, as this stage trains (it never sees MMAU's multiple-choice prompt). The
-# 1600 steps of the shared default: at 800 loudness and counting were still at chance (dev/LOG.md).
+# 1600 steps of the shared default: at 800 loudness and counting were still at chance (docs/experiment-log.md).
 DEFAULTS = {"recipe": "data_recipes/synth_acoustic.yaml", "answer_length": CAPTION_TOKENS,
             "gen_length": CAPTION_TOKENS, "block_length": CAPTION_TOKENS, "decode_steps": CAPTION_TOKENS,
             "test_prompt": "question"}

@@ -1,8 +1,10 @@
-"""Typed options of the training stages; defaults are the embedded tiny default, YAML in `stages/` the real recipe."""
+"""Typed options of the training stages; defaults are the embedded tiny default; `--preset real` or `--config
+stages/<stage>.yaml` give DIFFA-2's real recipe (one source: `diffa2.stages.real_recipe`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from transformers import TrainingArguments
 
@@ -13,7 +15,11 @@ from diffa2.stages.evaluate import TestPrompt
 
 @dataclass
 class ModelArguments:
-    preset: str = field(default="tiny", metadata={"help": "tiny (embedded default, trained from scratch) or real"})
+    preset: str = field(
+        default="tiny",
+        metadata={"help": "tiny (embedded default, trained from scratch) or real (DIFFA-2's recipe for this stage as "
+                          "defaults: diffa2/stages/real_recipe.py, the same values as stages/<stage>.yaml)"},
+    )
     whisper_path: str | None = field(
         default=None, metadata={"help": "real preset: HF Whisper directory or OpenAI .pt (e.g. whisper-large-v3)"}
     )
@@ -30,11 +36,27 @@ class ModelArguments:
     train_encoder: bool = field(default=True, metadata={"help": "train the Whisper encoder (tiny: it starts random)"})
     train_backbone: bool = field(default=True, metadata={"help": "train all backbone weights (LoRA trains anyway)"})
     train_adapters: bool = True
+    allow_full_training: bool = field(
+        default=False,
+        metadata={"help": "allow training a pretrained Whisper encoder or LLaDA backbone in full (refused otherwise: "
+                          "DIFFA-2 keeps both frozen)"},
+    )
     tiny_encoder_dim: int = 64
     tiny_encoder_layers: int = 2
     tiny_llm_dim: int = 128
     tiny_llm_layers: int = 4
     tiny_num_queries: int = 8
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "system prompt the model answers with, stored in its config (default: the "
+                                        "checkpoint's, else 'You are a helpful voice assistant.')"},
+    )
+    training_system_prompt: str | None = field(
+        default=None, metadata={"help": "system prompt training items are built with, stored in the config (default: "
+                                        "the checkpoint's, else the same as --system_prompt)"},
+    )
+
+
+AnswerCanvas = Literal["fixed", "batch"]
 
 
 @dataclass
@@ -43,8 +65,13 @@ class DataArguments:
     synth_dir: str = field(default="data/synth", metadata={"help": "synthetic corpus directory ({synth} in recipes)"})
     synth_seed: int = field(default=0, metadata={"help": "seed of the synthetic corpus (built when missing)"})
     synth_size: str = field(default="default", metadata={"help": "size of the synthetic corpus: default or small"})
+    answer_canvas: AnswerCanvas = field(
+        default="fixed",
+        metadata={"help": "fixed (--answer_length tokens per item, the tiny default) or batch (the batch's longest "
+                          "answer, the others EOS-padded, as DIFFA-2 pads)"},
+    )
     answer_length: int = field(
-        default=ANSWER_TOKENS, metadata={"help": "answer tokens per item incl. <|eot_id|> + EOS padding"}
+        default=ANSWER_TOKENS, metadata={"help": "fixed canvas: answer tokens per item incl. <|eot_id|> + EOS padding"}
     )
     on_bad_audio: str = field(default="skip", metadata={"help": "skip (count and report) or error"})
     on_bad_record: str = field(default="skip", metadata={"help": "skip (count and report) or raise"})
@@ -57,9 +84,13 @@ class DataArguments:
     stop_token_loss_weight: float = field(
         default=0.1,
         metadata={"help": "loss weight of EOS-padding and end-of-turn targets (1.0 = LLaDA; the tiny default "
-                          "learns its answers faster at 0.1, dev/LOG.md)"},
+                          "learns its answers faster at 0.1, docs/experiment-log.md)"},
     )
     loss_reduction: str = field(default="per_sample", metadata={"help": "per_sample (LLaDA) or batch (DIFFA code)"})
+
+    def canvas_length(self) -> int | None:
+        """The fixed answer canvas in tokens, or None for a canvas as wide as each batch's longest answer."""
+        return self.answer_length if self.answer_canvas == "fixed" else None
 
 
 @dataclass
@@ -84,9 +115,9 @@ class StageTrainingArguments(TrainingArguments):
     """transformers' TrainingArguments with the embedded default's values."""
 
     output_dir: str = field(default="runs/sft", metadata={"help": "where checkpoints, logs and plots go"})
-    max_steps: int = 1600  # 800 steps: 62.2 %, 1600: 80.3 % on the synthetic test split (dev/LOG.md)
+    max_steps: int = 1600  # 800 steps: 62.2 %, 1600: 80.3 % on the synthetic test split (docs/experiment-log.md)
     per_device_train_batch_size: int = 32
-    learning_rate: float = 3e-4  # higher rates leave every cue but background noise unlearned (dev/LOG.md)
+    learning_rate: float = 3e-4  # higher rates leave every cue but background noise unlearned (docs/experiment-log.md)
     lr_scheduler_type: str = "cosine"
     warmup_steps: float = 0.05
     weight_decay: float = 0.01
@@ -100,6 +131,10 @@ class StageTrainingArguments(TrainingArguments):
     seed: int = 42
     disable_tqdm: bool = False
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "start afresh in an output_dir that holds another run's checkpoints, "
+                                         "deleting them (without it such a run is refused)"}
+    )
     max_bad_steps: int = field(
         default=10, metadata={"help": "stop after this many optimizer steps in a row with a NaN/inf loss or gradient "
                                       "(each such step is skipped: no update)"}

@@ -8,6 +8,7 @@ clipping, bf16 where available, DeepSpeed, checkpoints, resume) -> save (trained
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,13 +20,14 @@ from transformers import Trainer, set_seed
 
 from diffa2.chat import ChatFormat
 from diffa2.data.collate import SFTBatch, SFTCollator
-from diffa2.data.dataset import AudioInstructionDataset
+from diffa2.data.dataset import AudioInstructionDataset, TokenBudget, items_within
 from diffa2.data.recipe import DataRecipe, load_split
 from diffa2.data.synth import ensure_synth_corpus
 from diffa2.diffusion.decoding import DecodeConfig
 from diffa2.diffusion.objective import sft_loss
 from diffa2.inference import AudioQA
 from diffa2.io import atomic_write_json, atomic_write_text
+from diffa2.modeling.adapters import SemanticAdapter
 from diffa2.modeling.checkpoint import (
     WEIGHTS_NAME,
     build_with_bases,
@@ -34,17 +36,19 @@ from diffa2.modeling.checkpoint import (
     resolve_source,
     save_pretrained,
     stored_keys,
-    write_checkpoint_files,
 )
-from diffa2.modeling.configuration import LoraSettings
+from diffa2.modeling.configuration import LoraSettings, speech_path_of
+from diffa2.modeling.encoder import encoder_lengths
 from diffa2.modeling.model import DIFFA2Model
 from diffa2.modeling.presets import real_config, tiny_config
+from diffa2.run_lock import RunLock, check_fresh_run
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
 from diffa2.stages.checkpoints import last_complete_checkpoint, publish_checkpoint, staging_run_dir
 from diffa2.stages.distributed import full_state_dict
 from diffa2.stages.evaluate import evaluate_multiple_choice, evaluate_transcription
 from diffa2.stages.guards import NonFiniteGuard, check_output_dir, estimate_run_bytes, skipped_steps
 from diffa2.stages.plots import plot_loss_curve
+from diffa2.stages.real_recipe import check_full_training
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,14 +96,6 @@ class DIFFA2Trainer(Trainer):
         for group in groups:
             optimizer.add_param_group(group)
         return optimizer
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not self.args.should_save:
-            return
-        directory = Path(output_dir or self.args.output_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        write_checkpoint_files(model, directory, self.chat.tokenizer, state_dict)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -201,7 +197,7 @@ def build_model(
             llm_dim=model_args.tiny_llm_dim,
             llm_layers=model_args.tiny_llm_layers,
             num_queries=model_args.tiny_num_queries,
-            stage=model_args.speech_path,
+            speech_path=model_args.speech_path,
         )
         config.tokenizer_source = str(synth_tokenizer.resolve())
         model = DIFFA2Model(config)
@@ -215,17 +211,38 @@ def build_model(
         origin = f"real preset: {model_args.whisper_path} + {model_args.llada_path}"
     else:
         raise ValueError(f"unknown preset {model_args.preset!r}; choose tiny or real")
-    model.config.stage = model_args.speech_path
+    configure_training(model, model_args)
+    set_system_prompts(model, model_args)
+    chat = ChatFormat.from_pretrained(tokenizer_dir, model.config.prompt_for_training, model.config.compat)
+    chat.ids.check_backbone(model.config.backbone)
+    return model, chat, origin
+
+
+def set_system_prompts(model: DIFFA2Model, model_args: ModelArguments) -> None:
+    """The inference and training system prompts given as flags or YAML, into the config saved with the model."""
+    if model_args.system_prompt is not None:
+        model.config.system_prompt = model_args.system_prompt
+    if model_args.training_system_prompt is not None:
+        model.config.training_system_prompt = model_args.training_system_prompt
+
+
+def configure_training(model: DIFFA2Model, model_args: ModelArguments) -> None:
+    """The stage's speech path, LoRA and trainable parts; a pretrained base trained in full is refused unless
+    allowed (`check_full_training`)."""
+    model.config.speech_path = speech_path_of(model_args.speech_path)
     if model_args.lora and model.config.lora is None:
         model.add_lora(LoraSettings(r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout))
     model.set_trainable(
         encoder=model_args.train_encoder, backbone=model_args.train_backbone, adapters=model_args.train_adapters
     )
-    if model.config.stage == 1:  # the acoustic adapter is unused on the stage-1 speech path
+    if not model.config.uses_acoustic_path:  # the acoustic adapter is unused on the stage-1 speech path
         model.acoustic_adapter.requires_grad_(False)
-    chat = ChatFormat.from_pretrained(tokenizer_dir, model.config.system_prompt)
-    chat.ids.check_backbone(model.config.backbone)
-    return model, chat, origin
+    check_full_training(model, model_args.allow_full_training)
+
+
+def inference_qa(model: DIFFA2Model, training_chat: ChatFormat) -> AudioQA:
+    """The model answering as it will after training: with its inference system prompt, not the training one."""
+    return AudioQA(model, ChatFormat(training_chat.tokenizer, model.config.system_prompt, model.config.compat))
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -260,6 +277,7 @@ class SFTStage:
 
     def setup(self) -> SFTStage:
         check_output_dir(self.output_dir)  # fail in seconds, not after building the corpus and the model
+        self.claim_output_dir()
         recipe_path = resolve_path(self.data_args.recipe)
         self.recipe = DataRecipe.load(recipe_path)
         test_file = self.eval_args.test_file or ""
@@ -289,18 +307,48 @@ class SFTStage:
         )
         for problem in self.record_problems:
             self.log(f"skipping record {problem}")
+        items = self.drop_too_long(items)
         self.dataset = self.make_dataset(items)
-        self.qa = AudioQA(self.model, self.chat)
+        self.qa = inference_qa(self.model, self.chat)
         self.log(f"data: recipe {self.recipe.name} ({recipe_path}), {len(self.dataset):,} training items")
         self.trainer = self.make_trainer()
         return self
+
+    def claim_output_dir(self) -> None:
+        """Rank 0 locks the output folder for this process and refuses to mix with another run's checkpoints."""
+        if self.train_args.process_index != 0:
+            return
+        self.lock = RunLock(self.output_dir, self.log).acquire()
+        check_fresh_run(self.output_dir, resume=self.train_args.resume,
+                        overwrite=self.train_args.overwrite_output_dir, log=self.log)
+
+    def token_budget(self) -> TokenBudget:
+        """What one training row may hold: the backbone's window, the speech tokens of a full clip, the canvas."""
+        config = self.model.config
+        frames = min(math.ceil(self.max_seconds * 100), 2 * int(config.encoder["max_source_positions"]))
+        semantic = int(SemanticAdapter.output_lengths(encoder_lengths(torch.tensor(frames))))
+        lead = config.num_queries if config.uses_acoustic_path else config.num_prompt_embeddings
+        window = int(config.backbone.get("max_sequence_length", 4096))
+        return TokenBudget(window, lead + semantic, self.data_args.canvas_length())
+
+    def drop_too_long(self, items: list) -> list:
+        """The items that fit the model's window and the answer canvas; the others are counted and reported, so
+        no batch fails mid-run."""
+        items, self.too_long = items_within(items, self.chat, self.token_budget())
+        for where, reason in list(self.too_long.items())[:10]:
+            self.log(f"skipping {where}: {reason}")
+        if len(self.too_long) > 10:
+            self.log(f"... {len(self.too_long) - 10} more items skipped as too long")
+        return items
 
     def make_dataset(self, items: list) -> AudioInstructionDataset:
         return AudioInstructionDataset(items, self.max_seconds, on_bad_audio=self.data_args.on_bad_audio)
 
     def make_trainer(self) -> DIFFA2Trainer:
-        collator = SFTCollator(self.chat, self.qa.featurizer, answer_length=self.data_args.answer_length,
-                               feature_cache_items=self.data_args.feature_cache_items)
+        budget = self.token_budget()
+        collator = SFTCollator(self.chat, self.qa.featurizer, answer_length=budget.canvas,
+                               feature_cache_items=self.data_args.feature_cache_items,
+                               text_window=budget.max_sequence_length - budget.speech_tokens)
         return DiffusionSFTTrainer(
             model=self.model,
             args=self.train_args,
@@ -327,7 +375,8 @@ class SFTStage:
             steps=self.trainer.state.global_step,
             train_seconds=round(result.metrics.get("train_runtime", 0.0), 1),
             final_loss=history[-1]["loss"] if history else None,
-            skipped_items=len(self.dataset.stats.skipped) + len(self.record_problems),
+            skipped_items=len(self.dataset.stats.skipped) + len(self.record_problems) + len(self.too_long),
+            too_long_items=len(self.too_long),
             skipped_steps=skipped_steps(self.trainer.state.log_history),
             trimmed_items=len(self.dataset.stats.trimmed),
             optimizer=optimizer_name(self.trainer.optimizer),
@@ -349,7 +398,7 @@ class SFTStage:
     def use_model(self, model: DIFFA2Model) -> None:
         """Evaluate `model` from now on."""
         self.model = model
-        self.qa = AudioQA(model, self.chat)
+        self.qa = inference_qa(model, self.chat)
 
     def evaluate(self) -> None:
         if not self.trainer.is_world_process_zero():  # one process evaluates and reports
@@ -390,6 +439,7 @@ class SFTStage:
         self.summary["total_seconds"] = round(time.time() - self.start, 1)
         atomic_write_json(self.output_dir / "summary.json", self.summary)
         print_summary(self.summary, self.output_dir)
+        self.lock.release()  # the run is over: the folder is free (the lock goes at exit anyway)
         return self.summary
 
 
@@ -415,7 +465,8 @@ def print_summary(summary: dict, output_dir: Path) -> None:
     print(f"\n=== {summary['stage']} finished in {summary['total_seconds']:.0f} s ===")
     loss = summary["final_loss"]
     print(f"steps {summary['steps']}, final loss {loss if loss is None else round(loss, 4)}, "
-          f"{summary['skipped_items']} skipped and {summary['trimmed_items']} trimmed items")
+          f"{summary['skipped_items']} skipped ({summary['too_long_items']} too long for the window or the answer "
+          f"canvas) and {summary['trimmed_items']} trimmed items")
     if summary.get("skipped_steps"):
         print(f"{len(summary['skipped_steps'])} optimizer step(s) skipped for a NaN/inf loss or gradient: "
               f"{summary['skipped_steps']}")

@@ -14,7 +14,7 @@ from diffa2.stages.runner import StageSpec
 
 SPEC = StageSpec(name="semantic", previous=None, asr_eval=True)
 # 800 steps reach 0 % validation WER, this stage's measure. No multiple-choice test: a model that has only learned
-# to transcribe for one instruction answers none of the test's questions (0 % asked either way, dev/LOG.md).
+# to transcribe for one instruction answers none of the test's questions (0 % asked either way, docs/experiment-log.md).
 DEFAULTS = {"recipe": "data_recipes/synth_semantic.yaml", "speech_path": 1, "max_steps": 800, "test_file": ""}
 
 

@@ -5,7 +5,7 @@ B̂ (the shared library `diffa2.rl`: `ElboEstimator` for the noise and the estim
 
     loss = −log σ(β [(B̂_θ(y_w) − B̂_ref(y_w)) − (B̂_θ(y_l) − B̂_ref(y_l))])
 
-DIFFA-2's settings (`../shared/reference/diffa2-model.md` §5.2) are the defaults of `VRPOArguments`: β 0.2;
+DIFFA-2's settings (NKU-HLT/DIFFA, DIFFA-2/train_vrpo.py; docs/recipes.md) are the defaults of `VRPOArguments`: β 0.2;
 4 Monte-Carlo samples per answer, each one "timestep" with one mask (n_t = 4, n_yt = 1: the optimal allocation);
 the k-token ELBO form (k ~ U{1..L} of the L answer positions masked, weight L/k); antithetic sampling (policy and
 reference score the same masked sequences); chosen and rejected answers get independent draws. Policy and reference
@@ -44,14 +44,16 @@ from torch import nn
 from torch.func import functional_call
 from transformers import Trainer
 
-from diffa2.config import parse_config
 from diffa2.data.collate import PairBatch, PairCollator, PairExample
 from diffa2.data.dataset import PreferenceDataset
 from diffa2.data.recipe import load_split
 from diffa2.modeling.model import DIFFA2Model
 from diffa2.rl import ElboEstimator, VRPOConfig, elbo_terms, get_likelihood_estimator, get_preference_loss
+from diffa2.run_lock import RunDirError
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
+from diffa2.stages.cli import stage_overrides, start_stage
 from diffa2.stages.distributed import inference_engine, zero3_enabled
+from diffa2.stages.real_recipe import FullTrainingRefused
 from diffa2.stages.runner import DIFFA2Trainer, SFTStage, StageSpec, previous_checkpoint
 
 VRPO_LOSS = get_preference_loss("vrpo")
@@ -336,7 +338,7 @@ def evaluate_preferences(
 SPEC = StageSpec(name="vrpo", previous="sft", requires_previous=True, objective="VRPO loss")
 # The embedded default: 100 steps of 4 pairs (400 of the 1000 synthetic pairs); lr 2e-5 keeps the policy near the
 # reference. On the SFT default (62.2 %) lr 1e-4 made the ELBOs of both answers fall and broke decoding (test
-# accuracy 9.7 %); 2e-5 kept it (61.1 %) while the ELBO margin grew 2.37 -> 3.08 (dev/LOG.md).
+# accuracy 9.7 %); 2e-5 kept it (61.1 %) while the ELBO margin grew 2.37 -> 3.08 (docs/experiment-log.md).
 DEFAULTS = {
     "recipe": "data_recipes/synth_vrpo.yaml",
     "max_steps": 100,
@@ -374,7 +376,7 @@ class VRPOStage(SFTStage):
         return PreferenceDataset(items, self.max_seconds, on_bad_audio=self.data_args.on_bad_audio)
 
     def make_trainer(self) -> VRPOTrainer:
-        collator = PairCollator(self.chat, self.qa.featurizer, answer_length=self.data_args.answer_length,
+        collator = PairCollator(self.chat, self.qa.featurizer, answer_length=self.data_args.canvas_length(),
                                 feature_cache_items=self.data_args.feature_cache_items)
         trainer = VRPOTrainer(
             model=self.model,
@@ -396,7 +398,7 @@ class VRPOStage(SFTStage):
         if not self.validation_pairs:
             return None
         args = self.vrpo_args
-        collator = PairCollator(self.chat, self.qa.featurizer, answer_length=self.data_args.answer_length)
+        collator = PairCollator(self.chat, self.qa.featurizer, answer_length=self.data_args.canvas_length())
         return evaluate_preferences(self.model, self.reference, self.validation_pairs, collator,
                                     args.eval_estimator(), self.chat.ids.mask, beta=args.beta,
                                     batch_size=args.pref_eval_batch_size, seed=self.train_args.seed)
@@ -446,14 +448,17 @@ class VRPOStage(SFTStage):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, eval_args, vrpo_args, train_args = parse_config(
-        ARG_TYPES, argv, __doc__, overrides={"output_dir": f"runs/{SPEC.name}", **DEFAULTS}
+    model_args, data_args, eval_args, vrpo_args, train_args = start_stage(
+        ARG_TYPES, argv, __doc__, overrides=stage_overrides(SPEC.name, DEFAULTS, argv)
     )
     try:  # before anything is built: without the stage-3 checkpoint, say what to run (no traceback)
         previous_checkpoint(model_args, SPEC, Path(train_args.output_dir))
     except FileNotFoundError as err:
         raise SystemExit(f"error: {err}") from None
-    return VRPOStage(SPEC, model_args, data_args, eval_args, vrpo_args, train_args).run()
+    try:
+        return VRPOStage(SPEC, model_args, data_args, eval_args, vrpo_args, train_args).run()
+    except (FullTrainingRefused, RunDirError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""The repository stands on its own: no file of the project points to a path outside it (issue 14).
+
+Facts the code relies on are documented in `docs/`, with their public sources; a path such as a machine-local
+folder would mean nothing in a clone. Scans every text file git knows under the project's folders (tracked, plus
+new files not ignored, so docs not yet committed count too) for the patterns in FORBIDDEN. This file is left out
+by its own name, since it is about the patterns.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCANNED = ("diffa2", "tests", "bench", "demo", "eval", "stages", "data_recipes", "docs", "README.md")
+FORBIDDEN = ("/" + "work/", ".." + "/shared")  # spelled in pieces, so a grep for them finds nothing here
+SELF = Path(__file__).name
+SKIPPED_DIRS = {"__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+def project_files() -> list[Path]:
+    """Files under SCANNED as git lists them; without git (an unpacked archive), every file found there."""
+    try:
+        listing = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", *SCANNED],
+            cwd=ROOT, capture_output=True, check=True,
+        ).stdout  # fmt: skip
+        paths = {ROOT / name for name in listing.decode("utf-8").split("\0") if name}
+    except (OSError, subprocess.CalledProcessError):
+        paths = set()
+        for top in SCANNED:
+            start = ROOT / top
+            if start.is_file():
+                paths.add(start)
+            for folder, dirs, files in os.walk(start):
+                dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS]
+                paths.update(Path(folder) / f for f in files)
+    return sorted(p for p in paths if p.is_file() and p.name != SELF)
+
+
+def text_of(path: Path) -> str | None:
+    """The file's text, or None for a binary file (one holding a NUL byte)."""
+    data = path.read_bytes()
+    return None if b"\0" in data else data.decode("utf-8", errors="replace")
+
+
+def test_scan_covers_the_project():
+    names = {p.relative_to(ROOT).as_posix() for p in project_files()}
+    assert {"README.md", "diffa2/__init__.py", "docs/index.md"} <= names
+    assert f"tests/{SELF}" not in names
+
+
+def test_no_file_points_outside_the_repository():
+    hits = []
+    for path in project_files():
+        text = text_of(path)
+        if text is None:
+            continue
+        for number, line in enumerate(text.splitlines(), start=1):
+            if any(pattern in line for pattern in FORBIDDEN):
+                hits.append(f"{path.relative_to(ROOT).as_posix()}:{number}: {line.strip()[:160]}")
+    assert not hits, "paths outside the repository (cite docs/ or the public source instead):\n" + "\n".join(hits)
