@@ -1,7 +1,9 @@
 """How many torch/OpenMP threads a command uses, chosen once per entry point and said in its first lines.
 
 The default is the physical cores this process may run on (its CPU affinity, capped by a cgroup CPU quota), minus
-the load already on the machine (the 1-minute load average, rounded), shared among the processes of a launch on
+the cores other processes keep busy right now (CPU time over a quarter of a second, from /proc/stat; the
+1-minute load average where that is missing, which lags: a run started just after another one finished would
+count the finished one), shared among the processes of a launch on
 this node (torchrun's LOCAL_WORLD_SIZE), and at least 1: on a 2-core machine where another job keeps one core busy
 a run takes 1 thread instead of fighting for both. `--threads N` overrides it, and so does OMP_NUM_THREADS when
 `--threads` is not given.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,7 @@ from pathlib import Path
 THREADS_ENV = "OMP_NUM_THREADS"
 SYSFS_CPU = Path("/sys/devices/system/cpu")
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+PROC_STAT = Path("/proc/stat")
 THREADS_HELP = ("torch/OpenMP threads (default: the physical cores free for this process: cores minus the "
                 f"machine's load, at least 1; {THREADS_ENV} is used when set)")
 
@@ -102,8 +106,30 @@ def available_cores() -> int:
     return min(cores, limit) if limit else cores
 
 
-def machine_load() -> float:
-    """The 1-minute load average (0 where the platform has none)."""
+def cpu_times(stat: Path = PROC_STAT) -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine in clock ticks, from /proc/stat's first line; None if unreadable."""
+    try:
+        fields_ = [int(v) for v in stat.read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields_[3] + (fields_[4] if len(fields_) > 4 else 0)  # idle + iowait
+    return sum(fields_[:8]) - idle, sum(fields_[:8])
+
+
+def busy_cores(before: tuple[int, int], after: tuple[int, int], cpus: int) -> float:
+    """Logical CPUs kept busy between two `cpu_times` samples."""
+    total = after[1] - before[1]
+    return 0.0 if total <= 0 else (after[0] - before[0]) / total * cpus
+
+
+def machine_load(interval: float = 0.25, stat: Path = PROC_STAT) -> float:
+    """Cores busy right now (measured over `interval` seconds); the 1-minute load average where /proc is missing."""
+    before = cpu_times(stat)
+    if before is not None:
+        time.sleep(interval)
+        after = cpu_times(stat)
+        if after is not None:
+            return busy_cores(before, after, os.cpu_count() or 1)
     try:
         return os.getloadavg()[0]
     except OSError:

@@ -12,6 +12,9 @@ import soundfile as sf
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One thread for every test and every process a test starts (diffa2.threads honours OMP_NUM_THREADS): the tiny
+# model's tensors are so small that intra-op threads only add overhead (10x on a busy machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from helpers import TOKENIZER_TEXTS, make_tiny_model  # noqa: E402
 from tiny_checkpoints import write_tiny_hf_whisper  # noqa: E402
@@ -39,13 +42,10 @@ def tiny_model(chat):
     return make_tiny_model(chat)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """The tiny model's tensors are so small that intra-op threads only add overhead (10x on a busy machine)."""
-    before = torch.get_num_threads()
+    """Every test runs on one torch thread (see OMP_NUM_THREADS above)."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

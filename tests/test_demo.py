@@ -42,7 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = DecodeSettings(gen_length=8, block_length=8, steps=4)  # four forward passes per answer
 QUESTION = "What is the pitch of the sound?"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_wav(path: Path, wave: np.ndarray) -> Path:

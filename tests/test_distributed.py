@@ -29,7 +29,7 @@ from diffa2.stages.runner import REPO_ROOT
 
 ENTRY = Path(__file__).parent / "distributed_entry.py"
 DEEPSPEED = REPO_ROOT / "stages" / "deepspeed"
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:

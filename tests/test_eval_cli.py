@@ -23,7 +23,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 FAST = ["--gen-length", "4", "--block-length", "4", "--steps", "4", "--no-progress"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tone(seconds: float, freq: float) -> np.ndarray:

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import soundfile as sf
 
 from diffa2.eval.__main__ import main
@@ -22,7 +21,6 @@ FAST = {"gen_length": 4, "block_length": 4, "steps": 4}
 MMSU = BUILTIN_SPECS["mmsu"]
 FINAL_FILES = ("samples.jsonl", "report.json", "report.md", "report.png")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_mmsu(records: list[dict]) -> tuple[int, int]:

@@ -52,7 +52,7 @@ def kill_after_progress(command: list[str], out: Path, cwd: Path) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_three_times_then_resume_equals_an_uninterrupted_run(checkpoint, tmp_path, one_thread):
+def test_sigkill_three_times_then_resume_equals_an_uninterrupted_run(checkpoint, tmp_path):
     records = json.loads((FIXTURES / "mmau_subset.json").read_text(encoding="utf-8"))[:24]
     data = tmp_path / "data" / "mmau.json"
     data.parent.mkdir()

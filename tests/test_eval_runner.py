@@ -31,7 +31,6 @@ def write_tone(path: Path, seconds: float, freq: float) -> None:
     sf.write(path, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

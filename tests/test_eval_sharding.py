@@ -64,7 +64,6 @@ def test_shards_are_round_robin():
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
 def test_two_processes_write_the_single_process_files_and_resume(checkpoint, mmau_dir, tmp_path, capsys):
     assert eval_main(run_args(checkpoint, mmau_dir, tmp_path / "one")) == 0
     # Sharded, interrupted after the first 5 items, then resumed with the full benchmark.

@@ -19,7 +19,7 @@ QUESTIONS = ["How many beeps are there?", "What is the pitch?", "Please transcri
 
 
 @pytest.fixture(scope="module")
-def confident_qa(chat, one_thread) -> AudioQA:
+def confident_qa(chat) -> AudioQA:
     """A random tiny DIFFA-2 whose predictions depend on context and reach confidences of 0.1-0.4 (the default
     init gives a flat ~0.05 everywhere), and which predicts EOS wherever it would predict token 50."""
     model = make_tiny_model(chat)

@@ -45,7 +45,7 @@ def final_weights(run_dir) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_stage_then_resume_ends_with_the_uninterrupted_weights(tmp_path, small_corpus, one_thread):
+def test_kill_9_mid_stage_then_resume_ends_with_the_uninterrupted_weights(tmp_path, small_corpus):
     steps = 16
     full = sft.main(small_run_args(tmp_path / "full", small_corpus, steps))
     killed = tmp_path / "killed"

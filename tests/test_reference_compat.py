@@ -47,7 +47,7 @@ def featurize(model, waves):
     DecodeConfig(gen_length=8, block_length=4, steps=8),
     DecodeConfig.preset("fpd", gen_length=8, block_length=8, steps=8, factor_quirk=True),
 ], ids=["plain", "fpd"])
-def test_a_batch_of_eight_gives_the_answers_of_eight_single_runs(chat, config, one_thread):
+def test_a_batch_of_eight_gives_the_answers_of_eight_single_runs(chat, config):
     qa = AudioQA(reference_model(chat), chat)
     assert qa.chat.compat == "reference"
     waves = [clip(s, 200 + 150 * i, seed=i) for i, s in enumerate(SECONDS)]

@@ -29,7 +29,6 @@ HUB_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
 LLAMA_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
                 "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj"}  # fmt: skip
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

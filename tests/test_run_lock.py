@@ -25,7 +25,7 @@ from diffa2.run_lock import (
     process_start,
     read_holder,
 )
-from diffa2.stages import sft
+from diffa2.stages import curriculum, sft
 from diffa2.stages.cli import SFT_ARG_TYPES
 from diffa2.stages.runner import SFTStage
 
@@ -229,3 +229,13 @@ def test_eval_run_refuses_a_folder_locked_by_a_live_run(checkpoint, tmp_path, sl
     assert eval_main(argv) == 2
     assert f"is in use by another run: PID {sleeper.pid} on " in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LOCK_NAME]
+
+
+def test_curriculum_checks_every_stage_folder_before_the_first_stage(tmp_path, capsys):
+    (tmp_path / "runs" / "sft" / "final").mkdir(parents=True)  # e.g. left by `make train`
+    with pytest.raises(SystemExit) as exit_info:
+        curriculum.main(["--runs_dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'runs' / 'sft'} holds another run's checkpoints (final)" in err
+    assert not (tmp_path / "runs" / "semantic").exists()  # refused before stage 1 started

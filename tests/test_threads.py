@@ -10,8 +10,10 @@ import torch
 
 from diffa2.threads import (
     apply_threads,
+    busy_cores,
     cgroup_cpu_limit,
     choose_threads,
+    cpu_times,
     parse_env_threads,
     physical_cores,
 )
@@ -98,3 +100,13 @@ def test_apply_sets_torch_and_prints_on_rank_0(monkeypatch):
         assert len(lines) == 1  # one line per launch, from rank 0
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_cores_are_measured_from_proc_stat_not_the_lagging_load_average(tmp_path):
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal: 300 busy + 100 idle ticks, then 300 + 100 more busy + 100 idle
+    stat.write_text("cpu  200 0 100 80 20 0 0 0 0 0\ncpu0 1 2 3 4\n")
+    assert cpu_times(stat) == (300, 400)
+    assert busy_cores((300, 400), (400, 600), cpus=2) == 1.0  # half the time busy on 2 CPUs: one core
+    assert busy_cores((300, 400), (300, 400), cpus=2) == 0.0  # no time passed: nothing measured
+    assert cpu_times(tmp_path / "missing") is None

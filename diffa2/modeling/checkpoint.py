@@ -170,7 +170,8 @@ def _pickle_note(directory: Path) -> str:
 
 
 def build_with_bases(config: DIFFA2Config, relative_to: Path = Path(".")) -> DIFFA2Model:
-    """Build the model and load base encoder/backbone weights from their sources, then apply LoRA."""
+    """The one builder of a model from a config: build it, load the bases from their recorded sources (parts without
+    a source keep their fresh initialisation), then apply LoRA."""
     lora = config.lora
     bare = copy.deepcopy(config)
     bare.lora = None

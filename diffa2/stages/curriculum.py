@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
+from transformers.hf_argparser import string_to_bool
+
+from diffa2.run_lock import RunDirError, check_fresh_run
 from diffa2.stages import acoustic, semantic, sft, vrpo
 
 STAGES = {"semantic": semantic, "acoustic": acoustic, "sft": sft, "vrpo": vrpo}
@@ -27,6 +31,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         parser.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
     passthrough = [a for a in args.stage_args if a != "--"]
+    refuse_clobbering(parser, passthrough, [Path(args.runs_dir) / name for name in names])
     start = time.time()
     summaries = []
     for name in names:
@@ -43,6 +48,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             extra += f" preference {before:.1f}% -> {summary['preference']['accuracy']:.1f}%"
         print(f"{summary['stage']:<10} steps {summary['steps']:>5}  loss {summary['final_loss']:.4f}  {extra}")
     return summaries
+
+
+def refuse_clobbering(parser: argparse.ArgumentParser, passthrough: list[str], run_dirs: list[Path]) -> None:
+    """Check every stage's folder before the first stage starts, not only when a later stage reaches it."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--resume", type=string_to_bool, default=False)
+    flags.add_argument("--overwrite_output_dir", type=string_to_bool, default=False)
+    known, _ = flags.parse_known_args(passthrough)
+    if known.overwrite_output_dir:
+        return  # each stage deletes its own folder's earlier run when it starts
+    try:
+        for run_dir in run_dirs:
+            check_fresh_run(run_dir, resume=known.resume, overwrite=False)
+    except RunDirError as err:
+        parser.error(f"{err} (options after -- go to every stage)")
 
 
 if __name__ == "__main__":

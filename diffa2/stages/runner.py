@@ -200,7 +200,7 @@ def build_model(
             speech_path=model_args.speech_path,
         )
         config.tokenizer_source = str(synth_tokenizer.resolve())
-        model = DIFFA2Model(config)
+        model = build_with_bases(config)
         tokenizer_dir = synth_tokenizer
         origin = "tiny preset, random initialisation"
     elif model_args.preset == "real":
