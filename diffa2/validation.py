@@ -109,6 +109,7 @@ RULES: dict[str, Range] = {
     "tiny_llm_dim": POSITIVE_INT,
     "tiny_llm_layers": POSITIVE_INT,
     "tiny_num_queries": POSITIVE_INT,
+    "asr_warmup_steps": NON_NEGATIVE,
     "synth_seed": SEED,
     "answer_length": POSITIVE_INT,
     "feature_cache_items": NON_NEGATIVE,

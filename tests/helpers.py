@@ -32,10 +32,12 @@ def clip(seconds: float, freq: float = 440.0, seed: int = 0) -> np.ndarray:
 
 
 def small_run_args(output_dir, synth_dir, steps, extra=()) -> list[str]:
-    """Flags of a tiny stage run: a 2-layer 64-wide model, batch 4, a few steps, 4 test items, no tensorboard."""
+    """Flags of a tiny stage run: a 2-layer 64-wide model, batch 4, a few steps, 4 test items, no tensorboard, no
+    ASR warm-up."""
     return ["--synth_dir", str(synth_dir), "--synth_size", "small", "--output_dir", str(output_dir),
             "--max_steps", str(steps),
             "--per_device_train_batch_size", "4", "--save_steps", "2", "--logging_steps", "1",
             "--tiny_encoder_dim", "32", "--tiny_llm_dim", "64", "--tiny_llm_layers", "2", "--eval_limit", "4",
             "--gen_length", "8", "--block_length", "8", "--decode_steps", "4", "--report_to", "none",
+            "--asr_warmup_steps", "0",
             "--disable_tqdm", "true", *extra]

@@ -70,6 +70,18 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, small_corpus):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_asr_warmup_trains_transcription_first_and_starts_from_it(tmp_path, small_corpus, capsys):
+    run = tmp_path / "sft"
+    summary = sft.main(small_run_args(run, small_corpus, 2, ["--asr_warmup_steps", "3"]))
+    warm = run / "asr_warmup"
+    assert summary["model"] == f"initialised from {warm / 'final'}"
+    assert summary["asr_warmup"]["steps"] == 3 and summary["steps"] == 2
+    assert json.loads((warm / "summary.json").read_text())["stage"] == "semantic"
+    assert json.loads((warm / "final" / "config.json").read_text())["speech_path"] == "prompt+semantic"
+    assert json.loads((run / "final" / "config.json").read_text())["speech_path"] == "acoustic+semantic"
+    assert "ASR warm-up: 3 steps, transcription WER" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_curriculum_chains_stages_and_writes_reports(tmp_path, small_corpus, capsys):
     runs = tmp_path / "runs"

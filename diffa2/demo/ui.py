@@ -73,7 +73,7 @@ def build_app(options: DemoOptions) -> gr.Blocks:
                     checkpoint = gr.Dropdown(checkpoint_choices(options.runs_dir, options.checkpoint), value=selected,
                                              allow_custom_value=True, label="Checkpoint directory")
                     missing = gr.Markdown(NO_CHECKPOINT_HELP.format(runs=options.runs_dir), visible=selected is None)
-                    train = gr.Button("Train the tiny default (about 10 min on CPU)", elem_id="train")
+                    train = gr.Button("Train the tiny default (about 13 min on CPU)", elem_id="train")
                     trained = gr.Markdown(elem_id="train-status")
                 with gr.Accordion("Decoding settings", open=False):
                     mode = gr.Dropdown(list(PRESETS), value=DEFAULT_MODE, label="Mode",

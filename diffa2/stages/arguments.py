@@ -46,6 +46,12 @@ class ModelArguments:
     tiny_llm_dim: int = 128
     tiny_llm_layers: int = 4
     tiny_num_queries: int = 8
+    asr_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "tiny preset from scratch: first train this many steps of transcription on the "
+                          "prompt-embedding speech path (stage 1 in miniature, into OUTPUT_DIR/asr_warmup), then start "
+                          "from it; 0 = off. The embedded SFT default uses it (docs/experiment-log.md)"},
+    )
     system_prompt: str | None = field(
         default=None, metadata={"help": "system prompt the model answers with, stored in its config (default: the "
                                         "checkpoint's, else 'You are a helpful voice assistant.')"},

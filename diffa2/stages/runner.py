@@ -288,6 +288,7 @@ class SFTStage:
             corpus = ensure_synth_corpus(args.synth_dir, seed=args.synth_seed, size=args.synth_size)
         self.synth_dir = corpus.root if corpus else None
 
+        self.warm_up_on_transcription()
         set_seed(self.train_args.seed)  # the tiny preset's random initialisation is part of the run's identity
         self.model, self.chat, origin = build_model(
             self.model_args, self.spec, self.output_dir, corpus.tokenizer_dir if corpus else None
@@ -313,6 +314,37 @@ class SFTStage:
         self.log(f"data: recipe {self.recipe.name} ({recipe_path}), {len(self.dataset):,} training items")
         self.trainer = self.make_trainer()
         return self
+
+    def warm_up_on_transcription(self) -> None:
+        """`--asr_warmup_steps N`: a tiny model about to start from scratch first learns to transcribe (stage 1 for
+        N steps, into OUTPUT_DIR/asr_warmup), then this stage starts from that checkpoint. Without it a from-scratch
+        SFT never learns the spoken words (docs/experiment-log.md)."""
+        steps = self.model_args.asr_warmup_steps
+        if steps == 0 or self.model_args.preset != "tiny":
+            return
+        if previous_checkpoint(self.model_args, self.spec, self.output_dir) is not None:
+            return  # it starts from a trained checkpoint (e.g. the curriculum's stage 2)
+        warm_dir = self.output_dir / "asr_warmup"
+        if not (self.train_args.resume and (warm_dir / "final" / "config.json").is_file()):
+            from diffa2.stages import semantic  # stage modules import this one: import the stage where it runs
+
+            self.log(f"ASR warm-up: {steps} steps of transcription into {warm_dir}")
+            summary = semantic.main(self.warmup_argv(warm_dir, steps))
+            self.summary["asr_warmup"] = {k: summary.get(k) for k in ("steps", "validation_wer", "total_seconds")}
+        self.model_args.init_from = str(warm_dir / "final")
+
+    def warmup_argv(self, warm_dir: Path, steps: int) -> list[str]:
+        """The stage-1 command line of the warm-up: this run's corpus, model sizes, seed and threads."""
+        m, d, t, e = self.model_args, self.data_args, self.train_args, self.eval_args
+        options = {"output_dir": warm_dir, "max_steps": steps, "synth_dir": d.synth_dir, "synth_seed": d.synth_seed,
+                   "synth_size": d.synth_size, "tiny_encoder_dim": m.tiny_encoder_dim,
+                   "tiny_encoder_layers": m.tiny_encoder_layers, "tiny_llm_dim": m.tiny_llm_dim,
+                   "tiny_llm_layers": m.tiny_llm_layers, "tiny_num_queries": m.tiny_num_queries, "seed": t.seed,
+                   "per_device_train_batch_size": t.per_device_train_batch_size, "eval_limit": e.eval_limit,
+                   "report_to": "none", "disable_tqdm": t.disable_tqdm, "threads": torch.get_num_threads(),
+                   # this run owns the folder: a fresh run replaces an earlier warm-up, a resumed one continues it
+                   "resume": t.resume, "overwrite_output_dir": not t.resume}  # fmt: skip
+        return [arg for key, value in options.items() if value is not None for arg in (f"--{key}", str(value))]
 
     def claim_output_dir(self) -> None:
         """Rank 0 locks the output folder for this process and refuses to mix with another run's checkpoints."""
@@ -470,6 +502,10 @@ def print_summary(summary: dict, output_dir: Path) -> None:
     if summary.get("skipped_steps"):
         print(f"{len(summary['skipped_steps'])} optimizer step(s) skipped for a NaN/inf loss or gradient: "
               f"{summary['skipped_steps']}")
+    if "asr_warmup" in summary:
+        warm = summary["asr_warmup"]
+        print(f"ASR warm-up: {warm['steps']} steps, transcription WER {warm['validation_wer']:.1f}%, "
+              f"{warm['total_seconds']:.0f} s")
     if "validation_wer" in summary:
         print(f"transcription WER on validation: {summary['validation_wer']:.1f}%")
     if "test" in summary:
