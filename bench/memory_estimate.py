@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         for gpus in sorted({8, 8 * stage.nodes}):
             states = {z: model_states(trainable, frozen, largest, gpus, z) for z in ("zero1_offload", "zero2", "zero3")}
             # VRPO's reference: a bf16 copy of the trained tensors (ZeRO-1/2), or under ZeRO-3 a whole second model
-            # partitioned like the policy (diffa2.stages.vrpo.ZeRO3Reference)
+            # partitioned like the policy (diffa2.stages.reference_models.ZeRO3Reference)
             reference = {"zero1_offload": 2 * trainable, "zero2": 2 * trainable,
                          "zero3": 2 * (trainable + frozen) / gpus} if vrpo else {}
             gpu = {z: s[0] + reference.get(z, 0) for z, s in states.items()}

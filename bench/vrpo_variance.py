@@ -36,8 +36,8 @@ from diffa2.inference import AudioQA
 from diffa2.modeling.checkpoint import load_pretrained, resolve_source
 from diffa2.modeling.model import DIFFA2Model
 from diffa2.modeling.presets import tiny_config
-from diffa2.rl import ElboEstimator, VRPOConfig, paired_elbo
-from diffa2.stages.vrpo import PairElbos, answer_logprobs
+from diffa2.rl import ElboEstimator, ElboPair, VRPOConfig, paired_elbo
+from diffa2.stages.vrpo import answer_logprobs
 from diffa2.threads import add_threads_option, apply_threads
 from diffa2.validation import parse_checked
 
@@ -92,7 +92,7 @@ def score_variance(policy, reference, batch, mask_id: int, estimator: ElboEstima
         def chosen_first(terms):  # (n, R·2P) replicate-major -> (n, 2·R·P): all chosen rows, then all rejected
             return terms.view(-1, replicates, 2, pairs).transpose(1, 2).flatten(1)
 
-        elbos = PairElbos(chosen_first(pair.policy_terms), chosen_first(pair.reference_terms), estimator.n_t)
+        elbos = ElboPair(chosen_first(pair.policy_terms), chosen_first(pair.reference_terms), estimator.n_t)
         logged = elbos.score_variance(beta).mean().item()
     return scores.var(0).mean().item(), scores.mean().item(), logged
 

@@ -117,10 +117,11 @@ def test_zero3_checkpoint_consolidates_into_a_normal_checkpoint_and_resumes(tmp_
 def test_vrpo_under_zero3_scores_like_a_frozen_reference_on_one_process(tmp_path, small_corpus, monkeypatch):
     # The same VRPO run from the same SFT checkpoint on 1 process (reference: FrozenReference) and on 2 under ZeRO-3
     # with DeepSpeed's launcher (reference: a DeepSpeed engine of its own over a copy of the checkpoint,
-    # vrpo.ZeRO3Reference). Global batch 4 either way (1 x 4, 2 x 2); 3 steps are one epoch of the 12 pairs. The ELBO
-    # noise is replaced by a fixed mask pattern (distributed_entry.py), so both layouts score the same masked answers
-    # and what is left is float32 reduction order: measured <= 6e-8 on the losses and <= 2e-7 on the rewards, which
-    # are ~0.1 after the first update, so a reference that followed the policy or held other weights is off by ~0.1.
+    # reference_models.ZeRO3Reference). Global batch 4 either way (1 x 4, 2 x 2); 3 steps are one epoch of the 12
+    # pairs. The ELBO noise is replaced by a fixed mask pattern (distributed_entry.py), so both layouts score the same
+    # masked answers and what is left is float32 reduction order: measured <= 6e-8 on the losses and <= 2e-7 on the
+    # rewards, which are ~0.1 after the first update, so a reference that followed the policy or held other weights is
+    # off by ~0.1.
     sft.main(run_args(tmp_path / "sft", small_corpus, 2, 4))
     flags = ["--init_from", str(tmp_path / "sft" / "final"), "--learning_rate", "1e-3", "--warmup_steps", "0",
              "--pref_eval_samples", "2"]

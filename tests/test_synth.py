@@ -216,7 +216,7 @@ def test_ensure_builds_only_when_missing_or_incomplete(tmp_path, monkeypatch):
         built.append(1)
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(synth, "build_synth_corpus", counting_build)
+    monkeypatch.setattr("diffa2.data.synth.build.build_synth_corpus", counting_build)
     ensure_synth_corpus(root, seed=0, size="small")
     assert len(built) == 1 and is_complete(root, 0, "small")
     ensure_synth_corpus(root, seed=0, size="small")
@@ -296,7 +296,7 @@ def test_concurrent_ensure_builds_once(tmp_path, monkeypatch):
         built.append(1)
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(synth, "build_synth_corpus", counting_build)
+    monkeypatch.setattr("diffa2.data.synth.build.build_synth_corpus", counting_build)
 
     def ensure(_):
         return ensure_synth_corpus(tmp_path / "c", seed=0, size="small").root

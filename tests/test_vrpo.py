@@ -14,11 +14,12 @@ from diffa2.audio import LogMelFeaturizer
 from diffa2.config import parse_config, read_yaml_config
 from diffa2.data.collate import PairCollator, PairExample, SFTCollator, SFTExample
 from diffa2.data.recipe import DataRecipe
-from diffa2.rl import ElboEstimator
+from diffa2.rl import ElboEstimator, ElboPair
 from diffa2.stages import curriculum, sft, vrpo
 from diffa2.stages.arguments import ModelArguments
+from diffa2.stages.reference_models import FrozenReference
 from diffa2.stages.runner import REPO_ROOT, previous_checkpoint
-from diffa2.stages.vrpo import FrozenReference, PairElbos, VRPOStage, pair_elbos, vrpo_metrics
+from diffa2.stages.vrpo import VRPOStage, pair_elbos, vrpo_metrics
 
 PAIRS = [
     ("What is the pitch of the tone?", "high", "low"),
@@ -170,10 +171,10 @@ def test_gradient_reaches_only_trainable_tensors_and_reference_stays_fixed(chat)
 def test_score_variance_by_hand():
     # n_t = 2 timesteps x n_yt = 2 masks, one pair: per timestep, average the masks' (policy − reference) terms
     policy = torch.tensor([[1.0, 0.0], [3.0, 2.0], [2.0, 1.0], [6.0, 1.0]])  # (n=4, 2P=2): chosen, rejected
-    elbos = PairElbos(policy, torch.zeros_like(policy), n_t=2)
+    elbos = ElboPair(policy, torch.zeros_like(policy), n_t=2)
     # timestep means: (2, 1) and (4, 1); scores β(c − r) = 0.5·(1, 3); sample variance 2·0.25 = 0.5; / n_t
     assert elbos.score_variance(beta=0.5).tolist() == [0.25]
-    assert PairElbos(policy, policy, n_t=1).score_variance(0.5) is None
+    assert ElboPair(policy, policy, n_t=1).score_variance(0.5) is None
     chosen, rejected, ref_chosen, ref_rejected = elbos.scores()
     assert (chosen.item(), rejected.item(), ref_chosen.item()) == (3.0, 1.0, 0.0)
 

@@ -6,8 +6,8 @@ share the noise between the policy and the reference (antithetic sampling) or be
 1. `estimator.sample(answer_mask, generator=g) -> ElboDraws`: which answer tokens are masked in each of the `n`
    draws (`masks (n, B, L)`), with per-draw weights (`weights (n, B)`).
 2. The caller runs its model on each masked input and gathers `token_logp (n, B, L)`, the log-probability of the
-   true token at every answer position (`token_logprobs(fn, draws)` loops a callable over the draws; the model
-   forward never lives in this package).
+   true token at every answer position (`token_logprobs(fn, draws)` loops a callable over the draws,
+   `batched_token_logprobs(fn, draws)` passes them all to one call; the model forward never lives in this package).
 3. `estimator.estimate(token_logp, draws) -> (B,)`.
 
 Registered estimators (`get_likelihood_estimator(name)` returns the class; its fields are the config, its defaults
@@ -38,6 +38,8 @@ from .registry import Registry
 ElboForm = Literal["t", "l"]
 # fn(masked (B, L) bool, prompt_masked (B, P) bool | None) -> log-probs of the true answer tokens (B, L), one draw
 TokenLogprobFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+# fn(masked (n, B, L) bool, prompt_masked (n, B, P) bool | None) -> log-probs (n, B, L), every draw in one call
+BatchedTokenLogprobFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -199,31 +201,73 @@ class ElboEstimator:
 
 @dataclass(frozen=True)
 class ElboPair:
-    """ELBO estimates of the same responses under the policy and the reference."""
+    """Per-draw ELBO terms of the same responses under the policy and the reference (`paired_elbo`).
 
-    policy: torch.Tensor  # (B,)
-    reference: torch.Tensor  # (B,)
-    policy_terms: torch.Tensor  # (n, B) per-draw terms, for the estimator's variance
+    For preference pairs the rows are the P chosen responses, then the P rejected ones (`scores`, `score_variance`).
+    """
+
+    policy_terms: torch.Tensor  # (n, B) per-draw terms; their mean over draws is the estimate
     reference_terms: torch.Tensor  # (n, B)
+    n_t: int = 1  # timesteps; draws j·n_yt .. (j+1)·n_yt − 1 share timestep j
+
+    @property
+    def policy(self) -> torch.Tensor:
+        """B̂_θ `(B,)`."""
+        return self.policy_terms.mean(0)
+
+    @property
+    def reference(self) -> torch.Tensor:
+        """B̂_ref `(B,)`."""
+        return self.reference_terms.mean(0)
+
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """B̂_θ(y_w), B̂_θ(y_l), B̂_ref(y_w), B̂_ref(y_l), each `(P,)`: a preference loss's inputs."""
+        policy_chosen, policy_rejected = self.policy.chunk(2)
+        reference_chosen, reference_rejected = self.reference.chunk(2)
+        return policy_chosen, policy_rejected, reference_chosen, reference_rejected
+
+    def score_variance(self, beta: float) -> torch.Tensor | None:
+        """Per pair `(P,)`, the variance of the estimated preference score ŝ = β[(B̂_θ − B̂_ref)(y_w) − (same)(y_l)].
+
+        The n_t per-timestep terms s_j are i.i.d. and ŝ is their mean, so Var(ŝ) ≈ var_j(s_j) / n_t (unbiased
+        sample variance). None when n_t = 1.
+        """
+        if self.n_t < 2:
+            return None
+        diff = (self.policy_terms - self.reference_terms).unflatten(0, (self.n_t, -1)).mean(1)  # (n_t, 2P)
+        chosen, rejected = diff.chunk(2, dim=1)
+        return (beta * (chosen - rejected)).var(0) / self.n_t
+
+
+def batched_token_logprobs(fn: BatchedTokenLogprobFn, draws: ElboDraws) -> torch.Tensor:
+    """Call `fn` once on all the draws: `(n, B, L)` log-probs from one forward."""
+    return fn(draws.masks, draws.prompt_masks)
 
 
 def paired_elbo(
-    policy_fn: TokenLogprobFn,
-    reference_fn: TokenLogprobFn,
+    policy_fn: TokenLogprobFn | BatchedTokenLogprobFn,
+    reference_fn: TokenLogprobFn | BatchedTokenLogprobFn,
     answer_mask: torch.Tensor,
     estimator: ElboEstimator,
     *,
     antithetic: bool = True,
     generator: torch.Generator | None = None,
+    batched: bool = False,
 ) -> ElboPair:
     """ELBOs of `answer_mask (B, L)` under policy and reference, sharing the draws when `antithetic` (VRPO).
 
     Without `antithetic`, the reference gets its own draws, sampled from `generator` after the policy's. Rows are
     independent, so chosen and rejected responses stacked in one batch get their own draws either way. Call the
-    reference under `torch.no_grad()` inside `reference_fn`.
+    reference under `torch.no_grad()` inside `reference_fn`. The reference runs first, so its activations are
+    gone before the policy's graph is built.
+
+    `batched`: the callables score every draw in one call, `fn(masks (n, B, L), prompt_masks (n, B, P) | None) ->
+    (n, B, L)` (`BatchedTokenLogprobFn`; e.g. a model that computes each prompt's prefix once for all its masked
+    answers); else they are called once per draw (`TokenLogprobFn`).
     """
     draws = estimator.sample(answer_mask, generator=generator)
     reference_draws = draws if antithetic else estimator.sample(answer_mask, generator=generator)
-    policy_terms = elbo_terms(token_logprobs(policy_fn, draws), draws)
-    reference_terms = elbo_terms(token_logprobs(reference_fn, reference_draws), reference_draws)
-    return ElboPair(policy_terms.mean(0), reference_terms.mean(0), policy_terms, reference_terms)
+    score = batched_token_logprobs if batched else token_logprobs
+    reference_terms = elbo_terms(score(reference_fn, reference_draws), reference_draws)
+    policy_terms = elbo_terms(score(policy_fn, draws), draws)
+    return ElboPair(policy_terms, reference_terms, draws.n_t)

@@ -11,18 +11,10 @@ the k-token ELBO form (k ~ U{1..L} of the L answer positions masked, weight L/k)
 reference score the same masked sequences); chosen and rejected answers get independent draws. Policy and reference
 both start from the stage-3 checkpoint.
 
-The reference shares everything it can with the policy: `FrozenReference` keeps a frozen copy of the *trainable*
-tensors only (adapters, prompt embeddings, LoRA; the whole model when everything trains, as in the tiny default) and
-runs the policy's own module with those tensors swapped in (`torch.func.functional_call`, under `no_grad`, in eval
-mode), so the frozen Whisper and LLaDA weights exist once. The reference is the stage-3 model *with* its LoRA and
-adapters, so "the policy with LoRA disabled" would be the wrong reference.
-
-Under DeepSpeed ZeRO-3 the policy's parameters are partitioned across ranks, so there is no whole module to swap
-tensors into: `ZeRO3Reference` is a copy of the model as loaded, made its own DeepSpeed inference engine with the same
-ZeRO-3 partitioning (as TRL's DPOTrainer builds its reference). Its forwards are collective, so every rank runs the
-same policy and reference forwards in lockstep. The evaluation after training runs on the main process alone: on
-the whole policy reloaded from `final/`, its reference a `FrozenReference` over that reload holding the trainable
-tensors as loaded (`ZeRO3Reference.over`). `make_reference` picks the kind.
+The reference is the stage-3 model as loaded, frozen (`reference_models`: a snapshot of the trainable tensors swapped
+into the policy's own module, or under ZeRO-3 an inference engine of its own). The stage composes the shared
+lifecycle (`lifecycle.StageRun`: corpus, model, data, train, save, evaluate, report) with its preference data, its
+trainer and the preference accuracy before and after training.
 
 Embedded default (tiny model, synthetic preference pairs, CPU; needs the default SFT's checkpoint runs/sft/final):
     python -m diffa2.stages.sft && python -m diffa2.stages.vrpo
@@ -33,7 +25,6 @@ Real DIFFA-2 recipe (the stage-3 checkpoint records its Whisper and LLaDA source
 
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,20 +32,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
-from transformers import Trainer
 
 from diffa2.data.collate import PairBatch, PairCollator, PairExample
 from diffa2.data.dataset import PreferenceDataset
 from diffa2.data.recipe import load_split
 from diffa2.modeling.model import DIFFA2Model
-from diffa2.rl import ElboEstimator, VRPOConfig, elbo_terms, get_likelihood_estimator, get_preference_loss
+from diffa2.rl import ElboEstimator, ElboPair, VRPOConfig, get_likelihood_estimator, get_preference_loss, paired_elbo
 from diffa2.run_lock import RunDirError
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
 from diffa2.stages.cli import stage_overrides, start_stage
-from diffa2.stages.distributed import inference_engine, zero3_enabled
+from diffa2.stages.lifecycle import StageRun, StageSpec, previous_checkpoint
 from diffa2.stages.real_recipe import FullTrainingRefused
-from diffa2.stages.runner import DIFFA2Trainer, SFTStage, StageSpec, previous_checkpoint
+from diffa2.stages.reference_models import Reference, make_reference
+from diffa2.stages.runner import DIFFA2Trainer
 
 VRPO_LOSS = get_preference_loss("vrpo")
 
@@ -93,74 +83,6 @@ class VRPOArguments:
 # --------------------------------------------------------------------------------------------------
 
 
-class FrozenReference:
-    """π_ref: `model` as it is now, kept as a frozen copy of its trainable tensors only (see the module docstring).
-
-    Calling it runs `model`'s forward with those tensors in place of the current ones, without gradients and in eval
-    mode (no dropout, as DIFFA-2's reference). The copy follows the model's device and dtype on first use (so it is
-    bf16 where DeepSpeed casts the model to bf16). Parameters must be whole where it runs: one process, DDP,
-    ZeRO-1/2, or the main process's reload of a ZeRO-3 run's `final/` (`over`); during ZeRO-3 training the
-    reference is a `ZeRO3Reference`.
-    """
-
-    def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> None:
-        self.model = model
-        if tensors is None:
-            tensors = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-        self.tensors = tensors
-
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        params = dict(self.model.named_parameters())
-        for name, tensor in self.tensors.items():
-            self.tensors[name] = tensor.to(device=params[name].device, dtype=params[name].dtype)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                return functional_call(self.model, self.tensors, args, kwargs, strict=False)
-        finally:
-            self.model.train(was_training)
-
-    def over(self, model: nn.Module) -> FrozenReference:
-        """The same frozen tensors swapped into `model`: the reference for a reload of the policy (same modules)."""
-        return FrozenReference(model, dict(self.tensors))
-
-
-class ZeRO3Reference:
-    """π_ref under ZeRO-3: a copy of the model as loaded, its own DeepSpeed inference engine (see the module docstring).
-
-    ZeRO-3 partitions the policy's parameters, so `FrozenReference` has nothing whole to swap its tensors into. Here
-    the copy is partitioned the same way and runs in eval mode under `no_grad`; every call is collective (all ranks
-    make it together). The main process also keeps a `FrozenReference` snapshot of the trainable tensors, for its
-    evaluation after training on the whole policy reloaded from `final/` (`over`).
-    """
-
-    def __init__(self, model: nn.Module, trainer: Trainer) -> None:
-        self.snapshot = FrozenReference(model) if trainer.is_world_process_zero() else None
-        self.engine = inference_engine(copy.deepcopy(model).requires_grad_(False), trainer)
-
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        with torch.no_grad():
-            return self.engine(*args, **kwargs)
-
-    def over(self, model: nn.Module) -> FrozenReference:
-        """The reference as a `FrozenReference` of `model`, the whole policy on the main process after training."""
-        if self.snapshot is None:
-            raise RuntimeError("only the main process keeps the reference's snapshot for evaluation")
-        return self.snapshot.over(model)
-
-
-Reference = FrozenReference | ZeRO3Reference
-
-
-def make_reference(model: nn.Module, trainer: Trainer) -> Reference:
-    """π_ref for `trainer`'s policy `model` as it is now (before any step): its own engine under ZeRO-3, else shared.
-
-    Call it after `Trainer.__init__` and before `train()`, which partitions `model` under ZeRO-3.
-    """
-    return ZeRO3Reference(model, trainer) if zero3_enabled(trainer) else FrozenReference(model)
-
-
 def answer_logprobs(model, batch: PairBatch, masks: torch.Tensor, mask_id: int) -> torch.Tensor:
     """Log-probabilities `(n, 2P, La)` of the true answer tokens under `masks (n, 2P, La)` (True = [MASK]).
 
@@ -178,33 +100,6 @@ def answer_logprobs(model, batch: PairBatch, masks: torch.Tensor, mask_id: int) 
     return logp.view(masks.shape)
 
 
-@dataclass
-class PairElbos:
-    """Per-draw ELBO terms of P pairs' answers (chosen rows, then rejected) under the policy and the reference."""
-
-    policy_terms: torch.Tensor  # (n, 2P)
-    reference_terms: torch.Tensor  # (n, 2P)
-    n_t: int  # timesteps; draws j·n_yt .. (j+1)·n_yt − 1 share timestep j
-
-    def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """B̂_θ(y_w), B̂_θ(y_l), B̂_ref(y_w), B̂_ref(y_l), each `(P,)`: the preference loss's inputs."""
-        policy_chosen, policy_rejected = self.policy_terms.mean(0).chunk(2)
-        reference_chosen, reference_rejected = self.reference_terms.mean(0).chunk(2)
-        return policy_chosen, policy_rejected, reference_chosen, reference_rejected
-
-    def score_variance(self, beta: float) -> torch.Tensor | None:
-        """Per pair `(P,)`, the variance of the estimated preference score ŝ = β[(B̂_θ − B̂_ref)(y_w) − (same)(y_l)].
-
-        The n_t per-timestep terms s_j are i.i.d. and ŝ is their mean, so Var(ŝ) ≈ var_j(s_j) / n_t (unbiased
-        sample variance). None when n_t = 1.
-        """
-        if self.n_t < 2:
-            return None
-        diff = (self.policy_terms - self.reference_terms).unflatten(0, (self.n_t, -1)).mean(1)  # (n_t, 2P)
-        chosen, rejected = diff.chunk(2, dim=1)
-        return (beta * (chosen - rejected)).var(0) / self.n_t
-
-
 def pair_elbos(
     policy,
     reference: Reference,
@@ -214,21 +109,25 @@ def pair_elbos(
     *,
     antithetic: bool = True,
     generator: torch.Generator | None = None,
-) -> PairElbos:
+) -> ElboPair:
     """ELBO terms of every answer of `batch` under `policy` (with gradients when enabled) and `reference`.
 
-    Chosen and rejected answers are separate rows, so they get independent draws; with `antithetic` the reference
-    scores exactly the policy's draws (the library's `paired_elbo` convention), else draws of its own.
+    The library's `paired_elbo` with batched forwards (`answer_logprobs`: all draws of a batch in one call). Rows are
+    the chosen answers, then the rejected ones, so they get independent draws; with `antithetic` the reference
+    scores exactly the policy's draws, else draws of its own.
     """
-    answer_mask = batch.answer_mask.repeat(2, 1)
-    draws = estimator.sample(answer_mask, generator=generator)
-    reference_draws = draws if antithetic else estimator.sample(answer_mask, generator=generator)
-    reference_terms = elbo_terms(answer_logprobs(reference, batch, reference_draws.masks, mask_id), reference_draws)
-    policy_terms = elbo_terms(answer_logprobs(policy, batch, draws.masks, mask_id), draws)
-    return PairElbos(policy_terms, reference_terms, draws.n_t)
+    return paired_elbo(
+        lambda masks, _: answer_logprobs(policy, batch, masks, mask_id),
+        lambda masks, _: answer_logprobs(reference, batch, masks, mask_id),
+        batch.answer_mask.repeat(2, 1),
+        estimator,
+        antithetic=antithetic,
+        generator=generator,
+        batched=True,
+    )
 
 
-def vrpo_metrics(elbos: PairElbos, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def vrpo_metrics(elbos: ElboPair, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair VRPO losses `(P,)` and the batch's metrics (implicit rewards, ELBOs, score variance)."""
     policy_chosen, policy_rejected, reference_chosen, reference_rejected = elbos.scores()
     losses, metrics = VRPO_LOSS(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
@@ -251,7 +150,7 @@ class VRPOTrainer(DIFFA2Trainer):
 
     Metrics of every batch since the last log (averaged over processes) are averaged into the next training log
     entry: `rewards/{chosen,rejected,margins,accuracies}`, `elbo/{chosen,rejected}` (the policy's B̂) and
-    `vrpo/score_variance` (mean over pairs of Var(ŝ), see `PairElbos.score_variance`).
+    `vrpo/score_variance` (mean over pairs of Var(ŝ), see `ElboPair.score_variance`).
     """
 
     def __init__(self, *args, chat, vrpo: VRPOArguments, **kwargs) -> None:
@@ -351,57 +250,67 @@ DEFAULTS = {
 ARG_TYPES = (ModelArguments, DataArguments, EvalArguments, VRPOArguments, StageTrainingArguments)
 
 
-class VRPOStage(SFTStage):
-    """Stage 4's lifecycle: setup -> measure (before) -> train -> save -> evaluate (after) -> report."""
+class VRPOStage:
+    """Stage 4's recipe: setup -> measure (before) -> train -> save -> evaluate (after) -> report.
+
+    It composes the shared lifecycle (`self.lifecycle`, a `StageRun`) with its preference data and trainer, and adds the
+    preference accuracy on the validation pairs before and after training.
+    """
 
     def __init__(self, spec: StageSpec, model_args: ModelArguments, data_args: DataArguments,
                  eval_args: EvalArguments, vrpo_args: VRPOArguments, train_args: StageTrainingArguments) -> None:
-        super().__init__(spec, model_args, data_args, eval_args, train_args)
+        self.lifecycle = StageRun(spec, model_args, data_args, eval_args, train_args)
         self.vrpo_args = vrpo_args
 
+    @property
+    def model(self) -> DIFFA2Model:
+        return self.lifecycle.model
+
+    @property
+    def trainer(self) -> VRPOTrainer:
+        return self.lifecycle.trainer
+
     def setup(self) -> VRPOStage:
-        super().setup()
-        self.summary["vrpo"] = vars(self.vrpo_args)
-        if self.recipe.validation:
-            items, _ = load_split(self.recipe.validation, synth_dir=self.synth_dir, seed=0, on_error="skip")
+        run = self.lifecycle
+        run.setup(self.make_dataset, self.make_trainer)
+        run.summary["vrpo"] = vars(self.vrpo_args)
+        if run.recipe.validation:
+            items, _ = load_split(run.recipe.validation, synth_dir=run.synth_dir, seed=0, on_error="skip")
             items = items[: self.vrpo_args.pref_eval_limit]
-            dataset = PreferenceDataset(items, self.max_seconds)
+            dataset = PreferenceDataset(items, run.max_seconds)
             self.validation_pairs = [dataset[i] for i in range(len(dataset))]
         else:
             self.validation_pairs = []
-            self.log("the recipe has no validation pairs: no preference accuracy before/after")
+            run.log("the recipe has no validation pairs: no preference accuracy before/after")
         return self
 
     def make_dataset(self, items: list) -> PreferenceDataset:
-        return PreferenceDataset(items, self.max_seconds, on_bad_audio=self.data_args.on_bad_audio)
+        run = self.lifecycle
+        return PreferenceDataset(items, run.max_seconds, on_bad_audio=run.data_args.on_bad_audio)
 
     def make_trainer(self) -> VRPOTrainer:
-        collator = PairCollator(self.chat, self.qa.featurizer, answer_length=self.data_args.canvas_length(),
-                                feature_cache_items=self.data_args.feature_cache_items)
+        run = self.lifecycle
+        collator = PairCollator(run.chat, run.qa.featurizer, answer_length=run.data_args.canvas_length(),
+                                feature_cache_items=run.data_args.feature_cache_items)
         trainer = VRPOTrainer(
-            model=self.model,
-            args=self.train_args,
-            train_dataset=self.dataset,
+            model=run.model,
+            args=run.train_args,
+            train_dataset=run.dataset,
             data_collator=lambda examples: vars(collator(examples)),
-            chat=self.chat,
+            chat=run.chat,
             vrpo=self.vrpo_args,
         )
         self.reference = trainer.reference
         return trainer
 
-    def use_model(self, model: DIFFA2Model) -> None:
-        """Evaluate `model` from now on, against the same reference (under ZeRO-3: the reloaded `final/`)."""
-        super().use_model(model)
-        self.reference = self.reference.over(model)
-
     def preference_accuracy(self) -> dict | None:
         if not self.validation_pairs:
             return None
-        args = self.vrpo_args
-        collator = PairCollator(self.chat, self.qa.featurizer, answer_length=self.data_args.canvas_length())
-        return evaluate_preferences(self.model, self.reference, self.validation_pairs, collator,
-                                    args.eval_estimator(), self.chat.ids.mask, beta=args.beta,
-                                    batch_size=args.pref_eval_batch_size, seed=self.train_args.seed)
+        args, run = self.vrpo_args, self.lifecycle
+        collator = PairCollator(run.chat, run.qa.featurizer, answer_length=run.data_args.canvas_length())
+        return evaluate_preferences(run.model, self.reference, self.validation_pairs, collator,
+                                    args.eval_estimator(), run.chat.ids.mask, beta=args.beta,
+                                    batch_size=args.pref_eval_batch_size, seed=run.train_args.seed)
 
     def measure(self) -> dict:
         """Preference accuracy on the validation pairs and synthetic test accuracy of the model as it is now.
@@ -410,29 +319,41 @@ class VRPOStage(SFTStage):
         the whole policy on each device; with neither validation pairs nor a test file it measures nothing and
         leaves the model where it is (for ZeRO-3 runs whose model fits no single device).
         """
-        if not self.validation_pairs and not self.eval_args.test_file:
+        run = self.lifecycle
+        if not self.validation_pairs and not run.eval_args.test_file:
             return {"preference": None}
-        self.model.to(self.train_args.device)  # with DeepSpeed, Trainer moves the model only when training starts
+        run.model.to(run.train_args.device)  # with DeepSpeed, Trainer moves the model only when training starts
         measured = {"preference": self.preference_accuracy()}
-        if self.eval_args.test_file:
-            measured["test"] = self.test_accuracy()
+        if run.eval_args.test_file:
+            measured["test"] = run.test_accuracy()
         return measured
 
+    def save(self) -> Path:
+        """The final checkpoint; under ZeRO-3 the main process goes on with the whole policy reloaded from it, and
+        the reference follows it (the same frozen tensors swapped into the reload)."""
+        run = self.lifecycle
+        trained = run.model
+        final_dir = run.save()
+        if run.model is not trained:
+            self.reference = self.reference.over(run.model)
+        return final_dir
+
     def run(self) -> dict:
+        run = self.lifecycle
         self.setup()
-        self.summary["before"] = before = self.measure()
+        run.summary["before"] = before = self.measure()
         if before["preference"] is not None and before["preference"]["max_log_ratio"] > 1e-3:
             raise RuntimeError(f"the reference differs from the policy before training (max |log ratio| "
                                f"{before['preference']['max_log_ratio']:.3g}): the reference snapshot is broken")
-        self.train()
+        run.train()
         self.save()
-        self.evaluate()
+        run.evaluate()
         # the main process alone: under ZeRO-3, save() left it the whole reloaded policy and a FrozenReference of it
-        self.summary["preference"] = self.preference_accuracy() if self.trainer.is_world_process_zero() else None
+        run.summary["preference"] = self.preference_accuracy() if run.trainer.is_world_process_zero() else None
         return self.report()
 
     def report(self) -> dict:
-        summary = super().report()
+        summary = self.lifecycle.report()
         before, after = summary["before"], summary["preference"]
         if after is not None:
             pref = before["preference"]
