@@ -1,15 +1,18 @@
-"""Fuzz tests (hypothesis) of the manifest and prediction-file parsers: arbitrary bytes, text and JSON lines never
-fail with anything but the project's own error type, and valid records round-trip unchanged."""
+"""Fuzz tests (hypothesis) of the manifest, recipe and prediction-file parsers: arbitrary bytes, text and JSON lines
+never fail with anything but the project's own error type, valid records round-trip unchanged, and almost-valid
+inputs (one record or one field wrong) are caught at that record or field."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diffa2.data.manifest import ManifestError, read_manifest
+from diffa2.data.recipe import DataRecipe
 from diffa2.eval.loaders import DataError, read_predictions, validate, write_predictions
 from diffa2.eval.report import build_report
 from diffa2.eval.scoring import score_records
@@ -106,3 +109,70 @@ def test_valid_prediction_files_round_trip(tmp_path_factory, records, suffix):
     read = read_predictions(path)
     assert [r.data for r in read] == records
     validate(read, BUILTIN_SPECS["mmau"], for_run=False)
+
+
+# -- almost-valid inputs: valid records or recipes with one thing wrong, so they get past the first checks --------
+
+MUTATIONS = {
+    "drop": lambda rec, key: {k: v for k, v in rec.items() if k != key},
+    "null": lambda rec, key: {**rec, key: None},
+    "number": lambda rec, key: {**rec, key: 7},
+    "list": lambda rec, key: {**rec, key: [rec[key]]},
+}
+
+
+@FUZZ
+@given(records=manifest_records, index=st.integers(0, 5), key=st.sampled_from(REQUIRED),
+       mutation=st.sampled_from(sorted(MUTATIONS)), suffix=st.sampled_from([".jsonl", ".json"]))
+def test_an_almost_valid_manifest_keeps_every_good_record_and_names_the_bad_one(tmp_path_factory, records, index,
+                                                                                key, mutation, suffix):
+    bad = index % len(records)
+    mutated = [MUTATIONS[mutation](r, key) if i == bad else r for i, r in enumerate(records)]
+    if suffix == ".jsonl":
+        content = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mutated)
+        where = f":{bad + 1}: "
+    else:
+        content = json.dumps(mutated)
+        where = f"[{bad}]: "
+    path = scratch(tmp_path_factory, suffix, content.encode())
+    read, problems = read_manifest(path, required=REQUIRED, audio_field="audio_filepath", on_error="skip")
+    assert [r.fields for r in read] == [r for i, r in enumerate(records) if i != bad]
+    assert len(problems) == 1 and problems[0].startswith(f"{path}{where}")
+    try:
+        read_manifest(path, required=REQUIRED, audio_field="audio_filepath", on_error="raise")
+    except ManifestError as err:
+        assert str(err) == problems[0]
+    else:
+        raise AssertionError("a bad record must raise with on_error='raise'")
+
+
+VALID_RECIPE = {"name": "r", "train": [{"path": "a.jsonl", "weight": 0.5}, {"path": "b.json", "format": "json"}],
+                "validation": [{"path": "v.jsonl"}], "max_audio_seconds": 30}
+recipe_breakage = st.sampled_from([
+    ("train", 0, "weight", "2"), ("train", 0, "weight", -1), ("train", 1, "weight", True),
+    ("train", 1, "path", 3), ("train", 0, "path", ""), ("train", 1, "format", "csv"),
+    ("validation", 0, "target_field", ["t"]), ("validation", 0, "audio_root", 5), ("train", 0, "rejected_field", 1),
+    (None, None, "max_audio_seconds", -2), (None, None, "max_audio_seconds", "30"), (None, None, "train", "a.jsonl"),
+    ("train", 0, "weight", "1e-3"),
+])  # fmt: skip
+
+
+@FUZZ
+@given(breakage=recipe_breakage, ok_weight=st.floats(0, 5))
+def test_an_almost_valid_recipe_fails_at_load_naming_the_file_and_the_field(tmp_path_factory, breakage, ok_weight):
+    split, index, key, value = breakage
+    data = json.loads(json.dumps(VALID_RECIPE))
+    data["train"][1]["weight"] = ok_weight  # the rest stays valid, whatever its values
+    if split is None:
+        data[key] = value
+    else:
+        data[split][index][key] = value
+    path = scratch(tmp_path_factory, ".yaml", yaml.safe_dump(data).encode())
+    assert DataRecipe.load(scratch(tmp_path_factory, ".yaml", json.dumps(VALID_RECIPE).encode())).name == "r"
+    try:
+        DataRecipe.load(path)
+    except ValueError as err:
+        assert str(err).startswith(f"{path}: ") and repr(key) in str(err)
+        assert split is None or f"{split}[{index}]: " in str(err)
+    else:
+        raise AssertionError(f"{breakage} was accepted")

@@ -12,6 +12,7 @@ import soundfile as sf
 from diffa2.data.dataset import AudioInstructionDataset
 from diffa2.data.manifest import ManifestError, read_manifest
 from diffa2.data.recipe import DataRecipe, DataSource, load_split
+from diffa2.stages.runner import REPO_ROOT
 
 REQUIRED = ("input", "target", "audio_filepath")
 
@@ -93,3 +94,9 @@ def test_bad_audio_is_skipped_counted_and_replaced(tmp_path, capsys):
     strict = AudioInstructionDataset(items, max_seconds=4.0, on_bad_audio="error")
     with pytest.raises(Exception, match=r"m\.json\[1\]"):
         strict[1]
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO_ROOT / "data_recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_data_recipe_loads(recipe):
+    loaded = DataRecipe.load(recipe)
+    assert loaded.train and all(source.path and source.weight > 0 for source in loaded.train)

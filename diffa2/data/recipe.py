@@ -27,6 +27,17 @@ import yaml
 from diffa2.data.manifest import ManifestFormat, ManifestRecord, read_manifest
 
 
+def _yaml_hint(value: Any) -> str:
+    """YAML reads `1e-3` (no dot) as text: say so when a rejected string is a number in disguise."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return " (text: YAML reads exponents without a dot, like 1e-3, as text; write 1.0e-3)"
+
+
 @dataclass
 class DataSource:
     path: str
@@ -37,6 +48,22 @@ class DataSource:
     audio_field: str = "audio_filepath"  # a path (relative to audio_root) or an HF Audio column
     audio_root: str | None = None  # default: the manifest's directory
     rejected_field: str | None = None  # preference data (stage 4)
+
+    def __post_init__(self) -> None:
+        """Check types and ranges here, so a typo fails when the recipe loads, not hours into a run."""
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise ValueError(f"'path' must be a non-empty string, got {self.path!r}")
+        if self.format not in ("auto", "json", "jsonl", "hf"):
+            raise ValueError(f"'format' must be auto, json, jsonl or hf, got {self.format!r}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, int | float) or not self.weight >= 0:
+            raise ValueError(f"'weight' must be a number >= 0 (a repeat factor), got {self.weight!r}"
+                             f"{_yaml_hint(self.weight)}")
+        for name in ("instruction_field", "target_field", "audio_field"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name!r} must be a string, got {getattr(self, name)!r}")
+        for name in ("audio_root", "rejected_field"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name!r} must be a string or null, got {getattr(self, name)!r}")
 
     def resolved(self, synth_dir: str | Path | None) -> DataSource:
         def sub(value: str | None) -> str | None:
@@ -71,11 +98,20 @@ class DataRecipe:
                 if bad is None or bad or "path" not in item:
                     raise ValueError(f"{source}: {key}[{i}] must be a mapping with 'path' and keys from "
                                      f"{sorted(source_keys)}; got {item!r}")
-                out.append(DataSource(**item))
+                try:
+                    out.append(DataSource(**item))
+                except ValueError as err:
+                    raise ValueError(f"{source}: {key}[{i}]: {err}") from None
             return out
 
         if not data.get("train"):
             raise ValueError(f"{source}: a recipe needs at least one 'train' source")
+        for key in ("train", "validation"):
+            if not isinstance(data.get(key) or [], list):
+                raise ValueError(f"{source}: {key!r} must be a list of sources, got {data[key]!r:.80}")
+        seconds = data.get("max_audio_seconds")
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0):
+            raise ValueError(f"{source}: 'max_audio_seconds' must be a number > 0 or null, got {seconds!r}")
         return cls(name=str(data.get("name", source)), train=sources("train"), validation=sources("validation"),
                    max_audio_seconds=data.get("max_audio_seconds"))
 
@@ -84,7 +120,11 @@ class DataRecipe:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such data recipe")
-        return cls.from_dict(yaml.safe_load(path.read_text()) or {}, source=str(path))
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a data recipe is a YAML mapping (name, train, validation), got "
+                             f"{type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
 
 
 @dataclass
