@@ -27,11 +27,11 @@ import torch
 import yaml
 
 from diffa2.audio import load_audio, trim_to_window
+from diffa2.chat import COMPAT_MODES
 from diffa2.data.synth import DEFAULT_CORPUS_DIR, ensure_synth_corpus, format_mc_prompt
 from diffa2.diffusion.decoding import PRESETS, DecodeConfig
 from diffa2.eval.scoring import wordset_match
 from diffa2.inference import AudioQA
-from diffa2.modeling.configuration import COMPAT_MODES
 from diffa2.threads import add_threads_option, apply_threads
 from diffa2.validation import parse_checked
 

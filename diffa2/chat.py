@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -28,6 +29,10 @@ DIFFA2_TRAINING_SYSTEM_PROMPT = (
     "You are a helpful voice assistant. Imagine you can hear the audio clips. Focus on the audios and "
     "respond directly to the prompts."
 )
+# "toolkit": the toolkit's batch-safe fixes; "reference": the released DIFFA-2 code's behaviour
+# (docs/reference-compat.md). `DIFFA2Config.compat` and every `--compat` flag take these.
+Compat = Literal["toolkit", "reference"]
+COMPAT_MODES: tuple[Compat, ...] = ("toolkit", "reference")
 AUDIO_LEAD_IN = "This is the audio:"
 AUDIO_PLACEHOLDER = " <audio>. "
 
@@ -89,8 +94,8 @@ class ChatFormat:
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, system_prompt: str = DEFAULT_SYSTEM_PROMPT, compat: str = "toolkit"
     ) -> None:
-        if compat not in ("toolkit", "reference"):
-            raise ValueError(f"compat must be 'toolkit' or 'reference', got {compat!r}")
+        if compat not in COMPAT_MODES:
+            raise ValueError(f"compat must be one of {list(COMPAT_MODES)}, got {compat!r}")
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.compat = compat

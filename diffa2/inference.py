@@ -11,10 +11,9 @@ import numpy as np
 import torch
 
 from diffa2.audio import LogMelFeaturizer
-from diffa2.chat import ChatFormat
+from diffa2.chat import COMPAT_MODES, ChatFormat
 from diffa2.diffusion.decoding import DEFAULT_MODE, DecodeConfig, StepCallback, generate
 from diffa2.modeling.checkpoint import load_pretrained, resolve_source
-from diffa2.modeling.configuration import COMPAT_MODES
 from diffa2.modeling.model import DIFFA2Model, Prefix
 
 

@@ -17,13 +17,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from diffa2.chat import COMPAT_MODES
 from diffa2.diffusion.decoding import DEFAULT_MODE, PRESETS, SPEED_FIELDS, DecodeConfig
 from diffa2.eval.loaders import DataError, read_predictions, validate
 from diffa2.eval.prompts import PROMPTS
 from diffa2.eval.report import build_report, format_table, write_report
 from diffa2.eval.scoring import score_records
 from diffa2.eval.specs import BUILTIN_SPECS, MODES, SpecError, load_spec
-from diffa2.modeling.configuration import COMPAT_MODES
 from diffa2.run_lock import RunDirError
 from diffa2.threads import add_threads_option, apply_threads
 from diffa2.validation import parse_checked

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from transformers import PreTrainedConfig
 
-from diffa2.chat import DEFAULT_SYSTEM_PROMPT
+from diffa2.chat import COMPAT_MODES, DEFAULT_SYSTEM_PROMPT
 
 # 2: `stage` (1|2) became `speech_path`; `compat`, `training_system_prompt` and `release` added.
 FORMAT_VERSION = 2
@@ -40,8 +40,6 @@ SpeechPath = Literal["prompt+semantic", "acoustic+semantic"]
 # The reference's `--training_stage` numbers: 1 = the 20 prompt embeddings before the semantic tokens (stage-1
 # alignment), 2 = the 64 acoustic queries before them (every later stage and all evaluation).
 SPEECH_PATH_OF_STAGE: dict[int, SpeechPath] = {1: "prompt+semantic", 2: "acoustic+semantic"}
-Compat = Literal["toolkit", "reference"]
-COMPAT_MODES: tuple[Compat, ...] = ("toolkit", "reference")
 
 
 @dataclass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from diffa2.config import parse_config
@@ -46,7 +48,15 @@ def stage_overrides(stage: str, defaults: dict[str, Any], argv: list[str] | None
 def stage_main(spec: StageSpec, description: str, defaults: dict[str, Any], argv: list[str] | None = None) -> dict:
     """Parse `--config`/flags over the stage's defaults and run the stage."""
     args = start_stage(SFT_ARG_TYPES, argv, description, stage_overrides(spec.name, defaults, argv))
-    try:
+    with refusals_end_the_command():
         return run_stage(spec, *args)
-    except (FullTrainingRefused, RunDirError) as err:  # refused: the message says what to do, no traceback
+
+
+@contextmanager
+def refusals_end_the_command() -> Iterator[None]:
+    """A refused run (a pretrained base trained in full, a folder in use or holding another run) ends with its
+    message, which says what to do, and exit status 1 instead of a traceback."""
+    try:
+        yield
+    except (FullTrainingRefused, RunDirError) as err:
         raise SystemExit(f"error: {err}") from None

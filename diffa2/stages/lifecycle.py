@@ -375,7 +375,6 @@ def optimizer_name(optimizer) -> str:
     return type(optimizer).__name__
 
 
-
 def print_summary(summary: dict, output_dir: Path) -> None:
     print(f"\n=== {summary['stage']} finished in {summary['total_seconds']:.0f} s ===")
     loss = summary["final_loss"]

@@ -38,11 +38,9 @@ from diffa2.data.dataset import PreferenceDataset
 from diffa2.data.recipe import load_split
 from diffa2.modeling.model import DIFFA2Model
 from diffa2.rl import ElboEstimator, ElboPair, VRPOConfig, get_likelihood_estimator, get_preference_loss, paired_elbo
-from diffa2.run_lock import RunDirError
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
-from diffa2.stages.cli import stage_overrides, start_stage
+from diffa2.stages.cli import refusals_end_the_command, stage_overrides, start_stage
 from diffa2.stages.lifecycle import StageRun, StageSpec, previous_checkpoint
-from diffa2.stages.real_recipe import FullTrainingRefused
 from diffa2.stages.reference_models import Reference, make_reference
 from diffa2.stages.runner import DIFFA2Trainer
 
@@ -376,10 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
         previous_checkpoint(model_args, SPEC, Path(train_args.output_dir))
     except FileNotFoundError as err:
         raise SystemExit(f"error: {err}") from None
-    try:
+    with refusals_end_the_command():
         return VRPOStage(SPEC, model_args, data_args, eval_args, vrpo_args, train_args).run()
-    except (FullTrainingRefused, RunDirError) as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":
