@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 'setuptools>=68' wheel
 	$(PY) -m pip install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[dev,whisper,demo,deepspeed]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[dev,whisper,demo,deepspeed,serve]'
 	$(PY) -m pip install -q --no-deps openai-whisper==20250625
 	touch $@
 

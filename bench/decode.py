@@ -1,8 +1,8 @@
 """Decoding speed vs. accuracy: reference LLaDA decoding against the fast modes, on the synthetic test split.
 
-    python bench/decode.py --checkpoint runs/sft/final                  # after `make train`
-    python bench/decode.py --checkpoint CKPT --limit 24                 # a quick run (24 items, all kinds)
-    python bench/decode.py --checkpoint CKPT --modes reference fast fast:cache=prefix --gen-lengths 256
+    python bench/decode.py --model runs/sft/final                  # after `make train`
+    python bench/decode.py --model CKPT --limit 24                 # a quick run (24 items, all kinds)
+    python bench/decode.py --model CKPT --modes reference fast fast:cache=prefix --gen_lengths 256
 
 For each answer length (default 32, 128, 256; block length 32, steps = gen length, i.e. the reference commits one
 token per step, greedy) it decodes the same test items with every mode (`DecodeConfig.preset` names: reference,
@@ -28,9 +28,11 @@ import yaml
 
 from diffa2.audio import load_audio, trim_to_window
 from diffa2.chat import COMPAT_MODES
-from diffa2.data.synth import DEFAULT_CORPUS_DIR, ensure_synth_corpus, format_mc_prompt
+from diffa2.cli_flags import add_flag
+from diffa2.data.synth import DEFAULT_CORPUS_DIR, ensure_synth_corpus
 from diffa2.diffusion.decoding import PRESETS, DecodeConfig
-from diffa2.eval.scoring import wordset_match
+from diffa2.eval import core
+from diffa2.eval.specs import load_spec
 from diffa2.inference import AudioQA
 from diffa2.threads import add_threads_option, apply_threads
 from diffa2.validation import parse_checked
@@ -38,7 +40,7 @@ from diffa2.validation import parse_checked
 NO_CHECKPOINT = """no checkpoint at {path}. Train the embedded default first, e.g.
     make train                                                    # writes runs/sft/final (about 5 min on 2 CPU cores)
     python -m diffa2.stages.sft --max_steps 200 --output_dir /tmp/ckpt   # a quicker, weaker one: /tmp/ckpt/final
-then pass --checkpoint DIR."""
+then pass --model DIR."""
 
 
 @dataclass
@@ -47,7 +49,6 @@ class Tally:
 
     nfe: list[int] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
-    correct: int = 0
     seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -62,15 +63,21 @@ def parse_mode(spec: str, base: DecodeConfig) -> DecodeConfig:
 
 
 def load_items(test_file: Path, window: float, limit: int | None) -> list[dict]:
-    """Test records with their trimmed waveforms and prompts, loaded once for every mode; with a `limit`, that
-    many records evenly spaced over the split (it is sorted by question kind, so its head is one kind only)."""
-    records = json.loads(test_file.read_text())
-    if limit is not None and limit < len(records):
-        records = [records[i * len(records) // limit] for i in range(limit)]
-    for r in records:
-        r["wave"] = trim_to_window(load_audio(test_file.parent / r["audio_id"]), window)[0]
-        r["prompt"] = format_mc_prompt(r["question"], r["choices"])
-    return records
+    """Test items (the eval core's, `synth` spec) with their trimmed waveforms and prompts, loaded once for every
+    mode; with a `limit`, that many evenly spaced over the split (it is sorted by question kind)."""
+    spec = load_spec("synth")
+    items, _ = core.load_items(spec, test_file, test_file.parent)
+    if limit is not None and limit < len(items):
+        items = [items[i * len(items) // limit] for i in range(limit)]
+    return [{"item": item, "prompt": prompt, "wave": trim_to_window(load_audio(item.audio.path), window)[0]}
+            for item, prompt in zip(items, core.render_prompts(spec, items), strict=True)]
+
+
+def accuracy(items: list[dict], texts: list[str]) -> float:
+    """The `synth` benchmark's accuracy of these answers, scored by the eval runner's core."""
+    requests = [r["item"] for r in items]
+    _, result = core.score_entries(load_spec("synth"), requests, [{"output": text} for text in texts])
+    return core.summarize(result, requests)["accuracy"]
 
 
 def run_length(qa: AudioQA, items: list[dict], configs: dict[str, DecodeConfig], batch_size: int) -> dict[str, Tally]:
@@ -86,14 +93,12 @@ def run_length(qa: AudioQA, items: list[dict], configs: dict[str, DecodeConfig],
             tally = tallies[name]
             tally.nfe += answers.row_nfe
             tally.texts += answers.texts
-            tally.correct += sum(wordset_match(t, r["answer"], r["choices"]) for t, r in zip(answers.texts, batch,
-                                                                                              strict=True))
             tally.seconds += answers.seconds
             tally.decode_seconds += answers.decode_seconds
     return tallies
 
 
-def summarize(tallies: dict[str, Tally], reference: str) -> list[dict]:
+def summarize(tallies: dict[str, Tally], reference: str, items: list[dict]) -> list[dict]:
     """One row per mode: per-answer means, speedups against `reference`, accuracy, agreement."""
     ref = tallies[reference]
     rows = []
@@ -103,34 +108,35 @@ def summarize(tallies: dict[str, Tally], reference: str) -> list[dict]:
             "mode": name, "nfe": sum(t.nfe) / n, "nfe_ratio": sum(ref.nfe) / max(sum(t.nfe), 1),
             "wall_ms": 1000 * t.seconds / n, "decode_ms": 1000 * t.decode_seconds / n,
             "speedup": ref.seconds / t.seconds, "decode_speedup": ref.decode_seconds / t.decode_seconds,
-            "accuracy": 100 * t.correct / n, "same_as_reference": 100 * sum(a == b for a, b in zip(t.texts, ref.texts,
-                                                                                                  strict=True)) / n,
-        })  # fmt: skip
+            "accuracy": accuracy(items, t.texts),
+            "same_as_reference": 100 * sum(a == b for a, b in zip(t.texts, ref.texts, strict=True)) / n,
+        })
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
     head = (f"{'mode':<22} {'NFE/ans':>8} {'fewer NFE':>9} {'wall ms/ans':>11} {'decode ms/ans':>13} "
-            f"{'speedup':>8} {'dec. speedup':>12} {'accuracy':>8} {'same ans':>8}")  # fmt: skip
+            f"{'speedup':>8} {'dec. speedup':>12} {'accuracy':>8} {'same ans':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['mode']:<22} {r['nfe']:>8.1f} {r['nfe_ratio']:>8.1f}x {r['wall_ms']:>11.1f} "
                      f"{r['decode_ms']:>13.1f} {r['speedup']:>7.2f}x {r['decode_speedup']:>11.2f}x "
-                     f"{r['accuracy']:>7.1f}% {r['same_as_reference']:>7.1f}%")  # fmt: skip
+                     f"{r['accuracy']:>7.1f}% {r['same_as_reference']:>7.1f}%")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="runs/sft/final", help="DIFFA-2 checkpoint (default: runs/sft/final)")
+    add_flag(parser, "--model", "--checkpoint", default="runs/sft/final",
+             help="DIFFA-2 checkpoint (default: runs/sft/final)")
     parser.add_argument("--data", help=f"MMAU-format test file (default: the synthetic corpus at {DEFAULT_CORPUS_DIR})")
     parser.add_argument("--limit", type=int, help="only N test items, evenly spaced over the split")
-    parser.add_argument("--gen-lengths", type=int, nargs="+", default=[32, 128, 256])
-    parser.add_argument("--block-length", type=int, default=32, help="block size (capped at the gen length)")
+    add_flag(parser, "--gen_lengths", type=int, nargs="+", default=[32, 128, 256])
+    add_flag(parser, "--block_length", type=int, default=32, help="block size (capped at the gen length)")
     parser.add_argument("--modes", nargs="+", default=["reference", "parallel", "cache", "fast"],
                         help="presets to compare; the first is the baseline (default: reference parallel cache fast)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    add_flag(parser, "--batch_size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compat", choices=COMPAT_MODES,
                         help="toolkit or reference (DIFFA-2's released inference code); default: the checkpoint's")
@@ -142,16 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parse_checked(build_parser(), argv)
     apply_threads(args.threads)
-    if not (Path(args.checkpoint) / "config.json").is_file():
-        print(NO_CHECKPOINT.format(path=args.checkpoint), file=sys.stderr)
+    if not (Path(args.model) / "config.json").is_file():
+        print(NO_CHECKPOINT.format(path=args.model), file=sys.stderr)
         return 2
-    qa = AudioQA.from_checkpoint(args.checkpoint, device=args.device, compat=args.compat)
+    qa = AudioQA.from_checkpoint(args.model, device=args.device, compat=args.compat)
     test_file = Path(args.data) if args.data else ensure_synth_corpus(DEFAULT_CORPUS_DIR).test_mmau
     items = load_items(test_file, qa.model.config.window_seconds, args.limit)
-    print(f"checkpoint {args.checkpoint} | data {test_file} ({len(items)} items) | batch {args.batch_size} | "
+    print(f"checkpoint {args.model} | data {test_file} ({len(items)} items) | batch {args.batch_size} | "
           f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{platform.processor() or platform.machine()} | greedy, steps = gen length | "
-          f"compat {qa.model.config.compat}")  # fmt: skip
+          f"compat {qa.model.config.compat}")
     results = []
     for gen_length in args.gen_lengths:
         base = DecodeConfig(gen_length=gen_length, block_length=min(args.block_length, gen_length), steps=gen_length)
@@ -160,13 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         for spec, config in configs.items():
             speed = {k: v for k, v in asdict(config).items() if asdict(base)[k] != v}
             print(f"  {spec}: {speed or 'reference decoding'}")
-        rows = summarize(run_length(qa, items, configs, args.batch_size), args.modes[0])
+        rows = summarize(run_length(qa, items, configs, args.batch_size), args.modes[0], items)
         print(format_rows(rows), flush=True)
         results.append({"gen_length": gen_length, "config": {s: asdict(c) for s, c in configs.items()}, "rows": rows})
     if args.json:
-        Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "items": len(items),
+        Path(args.json).write_text(json.dumps({"checkpoint": args.model, "items": len(items),
                                                "compat": qa.model.config.compat, "results": results},
-                                              indent=2) + "\n")  # fmt: skip
+                                              indent=2) + "\n")
     return 0
 
 

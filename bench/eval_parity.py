@@ -22,7 +22,7 @@ from pathlib import Path
 
 from diffa2.eval.loaders import read_predictions, validate, write_predictions
 from diffa2.eval.scoring import score_records
-from diffa2.eval.specs import BUILTIN_SPECS
+from diffa2.eval.specs import load_spec
 from diffa2.validation import parse_checked
 
 
@@ -82,7 +82,7 @@ def variants(record: dict, rng: random.Random) -> dict[str, str | None]:
 
 
 def run(name: str, records: list[dict], out_dir: Path) -> list[str]:
-    spec = BUILTIN_SPECS[name]
+    spec = load_spec(name)
     key = spec.prediction_key
     rng = random.Random(0)
     per_record = [variants(r, rng) for r in records]
@@ -114,7 +114,7 @@ def run(name: str, records: list[dict], out_dir: Path) -> list[str]:
         fmt = "n/a" if o["accuracy"] is None else f"{o['accuracy']:6.2f}"
         nfmt = "n/a" if n["accuracy"] is None else f"{n['accuracy']:6.2f}"
         lines.append(f"{name:5} {variant:17} official {fmt} ({o['correct']}/{o['total']})  reference {ref_acc:6.2f} "
-                     f"({ref_correct}/{ref_total})  item mismatches {mismatches}  normalized {nfmt}")  # fmt: skip
+                     f"({ref_correct}/{ref_total})  item mismatches {mismatches}  normalized {nfmt}")
     return lines
 
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in run("mmau", mmau, Path(tmp)) + run("mmar", mmar, Path(tmp)):
             print(line)
     print("oracle table of the official rule (MMAU / MMAR): exact 100.0/100.0, '(X) text' or 'X. text' 96.7/98.5, "
-          "'The answer is text.' 90.7/91.0, letter only 0.2/0.0, text + all options 0.1/1.2")  # fmt: skip
+          "'The answer is text.' 90.7/91.0, letter only 0.2/0.0, text + all options 0.1/1.2")
     return 0
 
 

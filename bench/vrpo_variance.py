@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from diffa2.chat import ChatFormat
+from diffa2.cli_flags import add_flag
 from diffa2.data.collate import PairCollator
 from diffa2.data.dataset import PreferenceDataset
 from diffa2.data.recipe import DataSource, load_split
@@ -36,7 +37,7 @@ from diffa2.inference import AudioQA
 from diffa2.modeling.checkpoint import load_pretrained, resolve_source
 from diffa2.modeling.model import DIFFA2Model
 from diffa2.modeling.presets import tiny_config
-from diffa2.rl import ElboEstimator, ElboPair, VRPOConfig, paired_elbo
+from diffa2.rl import MASKING_FORMS, ElboEstimator, ElboPair, VRPOConfig, masking_form, paired_elbo
 from diffa2.stages.vrpo import answer_logprobs
 from diffa2.threads import add_threads_option, apply_threads
 from diffa2.validation import parse_checked
@@ -104,12 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", help="policy checkpoint (default: the reference, perturbed)")
     parser.add_argument("--perturb", type=float, default=0.05, help="noise scale of the default policy")
     parser.add_argument("--budget", type=int, default=4, help="ELBO samples per answer, n = n_t x n_yt (DIFFA-2: 4)")
-    parser.add_argument("--form", default="l", choices=["l", "t"], help="ELBO form (DIFFA-2: l, exactly k of L)")
+    parser.add_argument("--form", default="count", type=masking_form, choices=MASKING_FORMS,
+                        help="ELBO form (DIFFA-2: count, exactly k of L; aliases l = count, t = ratio)")
     parser.add_argument("--beta", type=float, default=VRPOConfig.beta)
     parser.add_argument("--pairs", type=int, default=8, help="validation pairs")
     parser.add_argument("--replicates", type=int, default=32, help="independent estimates per pair and setting")
-    parser.add_argument("--answer_length", type=int, default=16)
-    parser.add_argument("--synth_dir", default="data/synth", help="synthetic corpus (built when missing)")
+    add_flag(parser, "--answer_length", type=int, default=16)
+    add_flag(parser, "--synth_dir", default="data/synth", help="synthetic corpus (built when missing)")
     parser.add_argument("--seed", type=int, default=0)
     add_threads_option(parser)
     return parser

@@ -1,4 +1,4 @@
-"""Launch the DIFFA-2 Gradio audio Q&A demo: `python demo/app.py [--host H] [--port P] [--share] [--checkpoint DIR]`."""
+"""Launch the DIFFA-2 Gradio audio Q&A demo: `python demo/app.py [--host H] [--port P] [--share] [--model DIR]`."""
 
 from diffa2.demo.cli import main
 

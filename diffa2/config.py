@@ -78,8 +78,14 @@ def _coerce_scalar(action: argparse.Action, value: Any, where: str) -> Any:
         raise ValueError(f"{where}: {value!r} is invalid ({err})") from None
 
 
+def field_aliases(dataclass_types: tuple[type, ...]) -> dict[str, str]:
+    """Old option names -> field names, from the fields' `aliases` metadata (e.g. `--init_from` -> `model`)."""
+    return {alias.lstrip("-").replace("-", "_"): f.name for cls in dataclass_types for f in dataclasses.fields(cls)
+            for alias in f.metadata.get("aliases", ())}
+
+
 def read_yaml_config(path: Path, dataclass_types: tuple[type, ...]) -> dict[str, Any]:
-    """A flat YAML mapping whose keys must all be fields of the given dataclasses."""
+    """A flat YAML mapping whose keys must all be fields of the given dataclasses (or a field's old name, an alias)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such config file")
     try:
@@ -88,6 +94,11 @@ def read_yaml_config(path: Path, dataclass_types: tuple[type, ...]) -> dict[str,
         raise ValueError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value")
+    for old, new in field_aliases(dataclass_types).items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"{path}: {old!r} is the old name of {new!r}; set only {new!r}")
+            data[new] = data.pop(old)
     known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:

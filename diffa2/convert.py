@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from diffa2.cli_flags import add_flag
 from diffa2.modeling.checkpoint import load_pretrained, resolve_source, save_pretrained
 from diffa2.modeling.model import DIFFA2Model
 from diffa2.modeling.release import REFERENCE_LORA, ReleaseExport, ReleaseImport, import_release, save_release
@@ -27,27 +28,27 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def _official(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("official", help="release folder -> toolkit checkpoint",
-                            description="Import a DIFFA-2 release folder into a toolkit checkpoint.")  # fmt: skip
+                            description="Import a DIFFA-2 release folder into a toolkit checkpoint.")
     parser.add_argument("--src", type=Path, required=True, help="the release folder (config.json + weights)")
     parser.add_argument("--whisper", type=Path, required=True, help="the Whisper folder the release was trained on "
-                        "(large-v3); its encoder is the base, as in the reference code")  # fmt: skip
+                        "(large-v3); its encoder is the base, as in the reference code")
     parser.add_argument("--llada", type=Path, required=True,
-                        help="the LLaDA-8B-Instruct folder: base backbone and tokenizer")  # fmt: skip
+                        help="the LLaDA-8B-Instruct folder: base backbone and tokenizer")
     parser.add_argument("--out", type=Path, required=True, help="the checkpoint folder to write (replaced atomically)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="dtype the model is loaded in and saved with (default fp32: exact for a bf16 release)")
-    parser.add_argument("--merge-lora", action="store_true",
-                        help="fold LoRA into the backbone (the checkpoint then stores the whole backbone)")
-    parser.add_argument("--lora-alpha", type=float, default=REFERENCE_LORA.alpha,
-                        help="LoRA alpha when the release has no adapter_config.json (default 16: the value of "
-                        "the reference's training script and loader; the release stores only the matrices)")
-    parser.add_argument("--speech-path", choices=["acoustic+semantic", "prompt+semantic"], default="acoustic+semantic",
-                        help="the release does not record it: stage-1 releases need prompt+semantic")
+    add_flag(parser, "--merge_lora", action="store_true",
+             help="fold LoRA into the backbone (the checkpoint then stores the whole backbone)")
+    add_flag(parser, "--lora_alpha", type=float, default=REFERENCE_LORA.alpha,
+             help="LoRA alpha when the release has no adapter_config.json (default 16: the value of "
+             "the reference's training script and loader; the release stores only the matrices)")
+    add_flag(parser, "--speech_path", choices=["acoustic+semantic", "prompt+semantic"], default="acoustic+semantic",
+             help="the release does not record it: stage-1 releases need prompt+semantic")
 
 
 def _export(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("export-official", help="toolkit checkpoint -> release folder",
-                            description="Write a toolkit checkpoint in the DIFFA-2 release layout.")  # fmt: skip
+                            description="Write a toolkit checkpoint in the DIFFA-2 release layout.")
     parser.add_argument("--model", type=Path, required=True, help="a toolkit checkpoint (or a release folder)")
     parser.add_argument("--out", type=Path, required=True, help="the release folder to write (replaced atomically)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
@@ -56,7 +57,7 @@ def _export(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m diffa2.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _official(sub)
     _export(sub)
@@ -74,7 +75,7 @@ def import_summary(result: ReleaseImport, out: Path) -> str:
     lines = [f"read {result.weights_file}", *result.base_checks,
              f"model: {len(model.state_dict())} tensors, {_parameters(model):,} parameters, {dtype}, "
              f"LoRA {result.lora}, speech path {model.config.speech_path}",
-             f"wrote {out}"]  # fmt: skip
+             f"wrote {out}"]
     return "\n".join(lines)
 
 
@@ -89,7 +90,7 @@ def run_official(args: argparse.Namespace) -> str:
     """Import the release with the given bases and save it as a toolkit checkpoint with the LLaDA tokenizer."""
     result = import_release(args.src, dtype=DTYPES[args.dtype], tokenizer=args.llada, merge_lora=args.merge_lora,
                             lora_alpha=args.lora_alpha, speech_path=args.speech_path, whisper=args.whisper,
-                            llada=args.llada, progress=True)  # fmt: skip
+                            llada=args.llada, progress=True)
     tokenizer = AutoTokenizer.from_pretrained(str(args.llada), trust_remote_code=False)
     save_pretrained(result.model, args.out, tokenizer=tokenizer)
     return import_summary(result, args.out)

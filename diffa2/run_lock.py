@@ -2,10 +2,10 @@
 
 `RunLock` makes a folder the property of one process: a lock file (`.diffa2-run.lock`) created with O_EXCL holds
 the owner's PID, host, start time and command. A second process refuses to start and names the owner. A lock whose
-owner is gone (same host, PID no longer running, or running but a different process that reuses the PID) is
-reported and taken over; a lock from another host cannot be checked and is never taken over. The lock is released
-when the owner releases it or exits normally; after a kill the next run finds it stale. Under torchrun only rank 0
-takes it (the other ranks write into the folder rank 0 owns).
+owner is gone (same host, PID no longer running or a zombie, or running but a different process that reuses the
+PID) is reported and taken over; a lock from another host cannot be checked and is never taken over. The lock is
+released when the owner releases it or exits normally; after a kill the next run finds it stale. Under torchrun only
+rank 0 takes it (the other ranks write into the folder rank 0 owns).
 
 `check_fresh_run` keeps a training run from mixing its checkpoints with another run's: a folder that holds
 `checkpoint-N/` or `final/` is refused unless the run resumes (`--resume true`) or replaces them
@@ -57,24 +57,33 @@ class Holder:
         return f"PID {self.pid} on {self.host} (started {self.started}: {self.command})"
 
 
-def process_start(pid: int) -> str | None:
-    """The start time of process `pid` in clock ticks since boot (field 22 of /proc/PID/stat), None if unknown."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (Linux), None where there is no such file."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return stat.rsplit(")", 1)[1].split()
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (field 22 of /proc/PID/stat), None if unknown."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields else None
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID exists on this host (one of another user counts as alive)."""
+    """Whether a process with this PID runs on this host (one of another user counts as alive; a zombie, killed
+    but not yet reaped, does not: e.g. a torchrun worker orphaned by a kill of its launcher, which a container's
+    init may reap late or never)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    fields = _stat_fields(pid)
+    return not (fields and fields[0] in ("Z", "X"))
 
 
 def is_stale(holder: Holder, host: str) -> bool:

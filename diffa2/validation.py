@@ -4,7 +4,7 @@ Each entry point (the training stages, `python -m diffa2.eval`, the demo, bench/
 hands its parsed options to `check_options` / `check_args`; a value outside its range is an `OptionError` that
 names the flag, the value and the range (`--max_steps -5 is out of range: must be >= 1, or -1 (train for
 --num_train_epochs instead)`), before anything is built. Options are looked up by name, so one rule serves every command
-that has an option of that name (`--seed`, `--batch-size`, `--gen_length` / `--gen-length`, ...). NaN and
+that has an option of that name (`--seed`, `--batch_size`, `--gen_length`, ...). NaN and
 infinite values are refused everywhere.
 
 `--max_steps -1` stays allowed: it is transformers' way to train for `--num_train_epochs` instead of a step count,
@@ -116,7 +116,6 @@ RULES: dict[str, Range] = {
     "stop_token_loss_weight": NON_NEGATIVE,
     "eval_limit": POSITIVE_INT,
     "eval_batch_size": POSITIVE_INT,
-    "decode_steps": POSITIVE_INT,
     # stage 4 (VRPO) and bench/vrpo_variance.py
     "beta": POSITIVE,
     "n_t": POSITIVE_INT,
@@ -128,6 +127,12 @@ RULES: dict[str, Range] = {
     "pairs": POSITIVE_INT,
     "replicates": Range(2),  # a variance needs two estimates
     "perturb": NON_NEGATIVE,
+    # stage 5 (RL)
+    "group_size": Range(2),  # a group needs two answers to compare
+    "rollout_temperature": POSITIVE,  # > 0: the answers of a group must differ
+    "likelihood_samples": POSITIVE_INT,
+    "kl_coef": NON_NEGATIVE,
+    "ppo_epochs": POSITIVE_INT,
     # decoding (stages, eval, bench/decode.py)
     "gen_length": POSITIVE_INT,
     "gen_lengths": POSITIVE_INT,
@@ -145,6 +150,16 @@ RULES: dict[str, Range] = {
     # demo
     "port": Range(1, 65535),
     "max_upload_mb": POSITIVE,
+    # server (python -m diffa2.serve)
+    "max_batch": POSITIVE_INT,
+    "max_wait_ms": NON_NEGATIVE,
+    "max_body_mb": POSITIVE,
+    "max_audio_seconds": POSITIVE,
+    "max_question_chars": POSITIVE_INT,
+    "max_n": POSITIVE_INT,
+    "max_gen_length": POSITIVE_INT,
+    "clients": POSITIVE_INT,  # bench/serve.py
+    "requests": POSITIVE_INT,
     # synthetic corpus
     "vocab_size": Range(263),  # 256 bytes + the 7 special tokens (diffa2.data.tokenizer.build_tokenizer)
     # every entry point
@@ -169,7 +184,7 @@ def check_options(values: Mapping[str, Any], flag: Callable[[str], str] = lambda
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Check an argparse namespace, naming each option as the parser spells it (`--batch-size`)."""
+    """Check an argparse namespace, naming each option by the spelling its `--help` shows (`--batch_size`)."""
     flags = option_flags(parser)
     check_options(vars(args), lambda name: flags.get(name, f"--{name}"))
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from contextlib import suppress
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from diffa2.chat import ChatFormat
 from diffa2.modeling.model import DIFFA2Model
 from diffa2.modeling.presets import tiny_config
+from diffa2.run_lock import pid_alive
 
 TOKENIZER_TEXTS = [
     "What is the pitch of the tone?",
@@ -41,3 +49,43 @@ def small_run_args(output_dir, synth_dir, steps, extra=()) -> list[str]:
             "--gen_length", "8", "--block_length", "8", "--decode_steps", "4", "--report_to", "none",
             "--asr_warmup_steps", "0",
             "--disable_tqdm", "true", *extra]
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process it started, directly or not (read from Linux /proc), parents before children."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # it ended meanwhile
+    tree = [pid]
+    for parent in tree:  # grows while it is walked: breadth first
+        tree += [child for child, of in parents.items() if of == parent]
+    return tree
+
+
+def sigkill_process_tree(process: subprocess.Popen, timeout: float = 10.0) -> list[int]:
+    """SIGKILL a launcher started with `start_new_session=True` and everything it started, and wait until all are
+    dead; returns their PIDs (the launcher first).
+
+    torchrun's agent runs each worker in a session of its own, so killing the agent's process group alone orphans
+    the workers, which then train on to the end. Every process group of the tree is first stopped (SIGSTOP: nothing
+    runs on while the others are being killed), then killed; an orphaned worker may stay a zombie, which counts as
+    dead (`pid_alive`)."""
+    tree = process_tree(process.pid)
+    groups = {}
+    for pid in tree:
+        with suppress(ProcessLookupError):
+            groups[os.getpgid(pid)] = pid
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for group in groups:
+            with suppress(ProcessLookupError):
+                os.killpg(group, sig)
+    assert process.wait(timeout) == -signal.SIGKILL
+    deadline = time.monotonic() + timeout
+    while any(map(pid_alive, tree[1:])):
+        assert time.monotonic() < deadline, f"processes of {tree} still alive {timeout} s after SIGKILL"
+        time.sleep(0.01)
+    return tree

@@ -111,7 +111,7 @@ def tiny_whisper_config(*, d_model: int = 32, layers: int = 4, heads: int = 4, p
                            decoder_ffn_dim=4 * d_model, max_source_positions=positions, max_target_positions=32,
                            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0).to_dict()
     return config | {"_name_or_path": "/path/to/models/whisper-large-v3", "transformers_version": "4.49.0",
-                     "torch_dtype": "float16"}  # fmt: skip
+                     "torch_dtype": "float16"}
 
 
 def whisper_encoder_tensors(config: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -156,7 +156,7 @@ def lora_tensors(llm_config: dict, rank: int, gen: torch.Generator) -> dict[tupl
     d, mlp = llm_config["d_model"], llm_config["mlp_hidden_size"]
     out = {"q_proj": d, "k_proj": d, "v_proj": d, "ff_proj": mlp, "up_proj": mlp}
     return {(i, m): (_rand(gen, rank, d, scale=d**-0.5), _rand(gen, out[m], rank, scale=0.05))
-            for i in range(llm_config["n_layers"]) for m in LORA_TARGETS}  # fmt: skip
+            for i in range(llm_config["n_layers"]) for m in LORA_TARGETS}
 
 
 def make_tiny_release(
@@ -183,7 +183,7 @@ def make_tiny_release(
         lora=lora_tensors(llm_config, lora_rank, gen) if lora_rank else {},
         prompts=_rand(gen, 20, dl, scale=1.0),
         semantic={"conv1": _linear(gen, dw, dw, 3), "conv2": _linear(gen, 4 * dw, dw, 3),
-                  "fc1": _linear(gen, dw, 4 * dw), "fc2": _linear(gen, dl, dw), "norm": _norm(gen, dl)},  # fmt: skip
+                  "fc1": _linear(gen, dw, 4 * dw), "fc2": _linear(gen, dl, dw), "norm": _norm(gen, dl)},
         queries=[_rand(gen, 1, prompt_size, dw, scale=1.0) for _ in WHISPER_TINY_TAPS],
         tap_weights=_rand(gen, prompt_size, len(WHISPER_TINY_TAPS), scale=1.0),
         qformer=qformer_tensors(dw, gen),
@@ -210,7 +210,7 @@ def write_release(
     torch.save(tensors, directory / "pytorch_model.bin")
     if safetensors_state is not None:
         save_file({k: v.to(dtype).contiguous() for k, v in safetensors_state.items()}, directory / "model.safetensors",
-                  metadata={"format": "pt"})  # fmt: skip
+                  metadata={"format": "pt"})
     generation = {"_from_model_config": True, "transformers_version": "4.49.0"}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
     (directory / "config.json").write_text(json.dumps(release.config(dtype), indent=2, sort_keys=True) + "\n")

@@ -15,7 +15,7 @@ import torch
 from diffa2.diffusion.decoding import DecodeConfig
 from diffa2.diffusion.parallel import parallel_count
 from diffa2.eval.runner import RunOptions, resolve_spec, run_benchmark
-from diffa2.eval.specs import BUILTIN_SPECS, SpecError, load_spec, paper_decoding
+from diffa2.eval.specs import SpecError, load_spec, paper_decoding
 from diffa2.inference import AudioQA
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -33,7 +33,7 @@ PAPER = DecodeConfig(gen_length=16, block_length=16, steps=16, temperature=0.0, 
     ([0.99, 0.6, 0.5], 1, 1),  # the first failure is not the last candidate: no difference
     ([0.99, 0.9, 0.85], 3, 3),  # all pass
     ([0.3], 1, 1),
-])  # fmt: skip
+])
 def test_factor_rule_edge_case_as_coded(confidence, plain, quirk):
     scores = torch.tensor(confidence, dtype=torch.float64)
     assert parallel_count(scores, None, 1.0) == plain
@@ -44,14 +44,15 @@ def test_factor_quirk_needs_a_factor_and_modes_reset_it():
     with pytest.raises(ValueError, match="needs a factor"):
         DecodeConfig(factor_quirk=True)
     assert PAPER.with_mode("parallel") == DecodeConfig(gen_length=16, block_length=16, steps=16, threshold=0.9,
-                                                       eos_early_exit=True)  # fmt: skip
+                                                       eos_early_exit=True)
     assert PAPER.with_mode("fpd").factor_quirk is False  # the existing mode keeps its meaning
 
 
 @pytest.mark.parametrize("benchmark", ["mmsu", "mmau", "mmar"])
 def test_paper_profile_resolves_for_each_benchmark(benchmark):
-    spec = load_spec(benchmark)  # eval/<benchmark>.yaml
-    assert spec == BUILTIN_SPECS[benchmark] and spec.profile == "parallel" and sorted(spec.profiles) == ["paper"]
+    spec = load_spec(benchmark)  # diffa2/eval/benchmarks/<benchmark>.yaml
+    assert spec.profile == "parallel" and sorted(spec.profiles) == ["paper"]
+    assert spec.decoding == DecodeConfig.preset("parallel", gen_length=16, block_length=16, steps=16)
     paper = spec.with_profile("paper")
     assert paper.profile == "paper" and paper.decoding == PAPER == paper_decoding()
     assert paper.prompt == spec.prompt == ("diffa_mmsu" if benchmark == "mmsu" else "diffa")  # DIFFA-2's prompts
@@ -68,11 +69,11 @@ def test_synth_has_no_paper_profile():
     (None, None, "parallel"),  # a model trained here: the toolkit's default
     (RELEASE, "parallel", "parallel"),  # one flag away
     (None, "paper", "paper"),
-])  # fmt: skip
+])
 def test_released_model_detection_picks_the_profile(release, profile, expected):
     spec = resolve_spec(RunOptions(benchmark="mmau", model="m", profile=profile), release)
     assert spec.profile == expected
-    assert spec.decoding == (PAPER if expected == "paper" else BUILTIN_SPECS["mmau"].decoding)
+    assert spec.decoding == (PAPER if expected == "paper" else load_spec("mmau").decoding)
 
 
 def test_flags_change_the_chosen_profile():
@@ -92,7 +93,7 @@ def test_report_records_the_profile_of_a_released_model(checkpoint, tmp_path):
     qa = AudioQA.from_checkpoint(tmp_path / "ckpt")
     qa.model.config.release = RELEASE
     options = RunOptions(benchmark="mmau", model=str(tmp_path / "ckpt"), data=str(tmp_path / "data" / "mmau.json"),
-                         out=str(tmp_path / "out"), progress=False)  # fmt: skip
+                         out=str(tmp_path / "out"), progress=False)
     run_benchmark(options, qa=qa, log=lambda _: None)
     report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     assert report["run"]["profile"] == "paper"

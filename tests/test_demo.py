@@ -254,7 +254,7 @@ def test_progress_of_real_tqdm_lines():
 def test_command_line_help(entry):
     out = subprocess.run([sys.executable, *entry, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for flag in ("--host", "--port", "--share", "--checkpoint", "--runs-dir", "--max-upload-mb", "127.0.0.1"):
+    for flag in ("--host", "--port", "--share", "--model", "--runs_dir", "--max_upload_mb", "127.0.0.1"):
         assert flag in out.stdout
 
 

@@ -46,11 +46,11 @@ def test_help_of_every_subcommand(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "usage: python -m diffa2.eval" in out and "{run,score,prompts}" in out
     expected = {
-        "run": ("--benchmark", "--model", "--data", "--audio-root", "--out", "--batch-size", "--limit", "--steps",
-                "--gen-length", "--block-length", "--temperature", "--cfg-scale", "--remasking", "--prompt", "--mode"),
-        "score": ("--benchmark", "--predictions", "--mode", "--prediction-key", "--out"),
+        "run": ("--benchmark", "--model", "--data", "--audio_root", "--out", "--batch_size", "--limit", "--steps",
+                "--gen_length", "--block_length", "--temperature", "--cfg_scale", "--remasking", "--prompt", "--mode"),
+        "score": ("--benchmark", "--predictions", "--mode", "--prediction_key", "--out"),
         "prompts": ("--show",),
-    }  # fmt: skip
+    }
     for command, flags in expected.items():
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
@@ -110,7 +110,7 @@ def test_run_mmar_jsonl(checkpoint, tmp_path, capsys):
         sf.write(data / r["audio_path"], tone(0.5 + 0.2 * i, 300 + 50 * i), 16000)
     out = tmp_path / "out"
     argv = ["run", "--benchmark", "mmar", "--model", str(checkpoint), "--data", str(data / "MMAR-meta.jsonl"),
-            "--out", str(out), "--limit", "10", "--batch-size", "5", *FAST]  # fmt: skip
+            "--out", str(out), "--limit", "10", "--batch-size", "5", *FAST]
     assert main(argv) == 0
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(preds) == 10 and all("answer_prediction" in p for p in preds[:8])
@@ -121,7 +121,7 @@ def test_run_mmar_jsonl(checkpoint, tmp_path, capsys):
     assert report["counts"]["audio_missing"] == 2 and report["overall"]["total"] == 8
     # `score` on our own file reproduces the run's report numbers.
     assert main(["score", "--benchmark", "mmar", "--predictions", str(out / "predictions.jsonl"),
-                 "--out", str(tmp_path / "rescored.json")]) == 0  # fmt: skip
+                 "--out", str(tmp_path / "rescored.json")]) == 0
     rescored = json.loads((tmp_path / "rescored.json").read_text(encoding="utf-8"))
     assert (rescored["overall"], rescored["breakdown"]) == (report["overall"], report["breakdown"])
 
@@ -138,7 +138,7 @@ def test_run_mmsu_jsonl_and_parquet_with_audio_bytes(checkpoint, tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mmsu.parquet")
     out = tmp_path / "out"
     argv = ["run", "--benchmark", "mmsu", "--model", str(checkpoint), "--data", str(tmp_path / "mmsu.parquet"),
-            "--out", str(out), "--batch-size", "4", "--mode", "strict", *FAST]  # fmt: skip
+            "--out", str(out), "--batch-size", "4", "--mode", "strict", *FAST]
     assert main(argv) == 0
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert preds[0]["audio"] == f"{rows[0]['id']}.wav"  # bytes replaced by the path
@@ -159,7 +159,7 @@ def test_run_synth_end_to_end(tmp_path):
     save_pretrained(make_tiny_model(chat), tmp_path / "ckpt", tokenizer=chat.tokenizer)
     out = tmp_path / "out"
     argv = ["run", "--benchmark", "synth", "--model", str(tmp_path / "ckpt"), "--data", str(corpus.test_mmau),
-            "--out", str(out), "--batch-size", "12", *FAST]  # fmt: skip
+            "--out", str(out), "--batch-size", "12", *FAST]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     n = len(json.loads(corpus.test_mmau.read_text(encoding="utf-8")))
@@ -175,7 +175,7 @@ def test_run_rejects_bad_data_with_every_problem(checkpoint, tmp_path, capsys):
     del rows[2]["audio_id"]
     (tmp_path / "bad.json").write_text(json.dumps(rows), encoding="utf-8")
     argv = ["run", "--benchmark", "mmau", "--model", str(checkpoint), "--data", str(tmp_path / "bad.json"),
-            "--out", str(tmp_path / "out"), *FAST]  # fmt: skip
+            "--out", str(tmp_path / "out"), *FAST]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "2 problem(s)" in err and "bad.json[0]: field 'answer'" in err and "bad.json[2]: field 'audio_id'" in err

@@ -12,13 +12,14 @@ import soundfile as sf
 from diffa2.eval.__main__ import main
 from diffa2.eval.loaders import Record, read_predictions, read_records
 from diffa2.eval.report import build_report
-from diffa2.eval.runner import RunOptions, append_partial, read_logs, run_benchmark
+from diffa2.eval.resume import append_partial, read_logs
+from diffa2.eval.runner import RunOptions, run_benchmark
 from diffa2.eval.scoring import EMPTY, MISSING, NOT_STRING, NULL, SCORED, UNPARSEABLE, score_records
-from diffa2.eval.specs import BUILTIN_SPECS
+from diffa2.eval.specs import load_spec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAST = {"gen_length": 4, "block_length": 4, "steps": 4}
-MMSU = BUILTIN_SPECS["mmsu"]
+MMSU = load_spec("mmsu")
 FINAL_FILES = ("samples.jsonl", "report.json", "report.md", "report.png")
 
 
@@ -40,7 +41,7 @@ def official_mmsu(records: list[dict]) -> tuple[int, int]:
             else:
                 continue  # "Wrong format response": skipped
         options = {"A": record.get("choice_a"), "B": record.get("choice_b"), "C": record.get("choice_c"),
-                   "D": record.get("choice_d")}  # fmt: skip
+                   "D": record.get("choice_d")}
         correct += letter is not None and options[letter] == record.get("answer_gt")
         total += 1
     return correct, total
@@ -108,7 +109,7 @@ def benchmark_dir(root: Path, fixture: str, count: int, audio_key: str, absent: 
     records = [r.data for r in read_records(FIXTURES / fixture)][:count]
     data = root / fixture
     data.write_text("".join(json.dumps(r) + "\n" for r in records) if fixture.endswith(".jsonl")
-                    else json.dumps(records), encoding="utf-8")  # fmt: skip
+                    else json.dumps(records), encoding="utf-8")
     for i, r in enumerate(records):
         if i not in absent:
             write_tone(root / r[audio_key], i)
@@ -117,7 +118,7 @@ def benchmark_dir(root: Path, fixture: str, count: int, audio_key: str, absent: 
 
 def run(checkpoint: Path, benchmark: str, data: Path, out: Path, messages: list[str] | None = None):
     options = RunOptions(benchmark=benchmark, model=str(checkpoint), data=str(data), out=str(out), batch_size=4,
-                         decoding=FAST, progress=False)  # fmt: skip
+                         decoding=FAST, progress=False)
     return run_benchmark(options, log=(messages if messages is not None else []).append)
 
 
@@ -167,10 +168,10 @@ def test_no_audio_found_is_an_error_naming_the_root(checkpoint, tmp_path, capsys
     wrong = tmp_path / "elsewhere"
     wrong.mkdir()
     argv = ["run", "--benchmark", "mmau", "--model", str(checkpoint), "--data", str(data), "--audio-root", str(wrong),
-            "--out", str(tmp_path / "out"), "--threads", "1"]  # fmt: skip
+            "--out", str(tmp_path / "out"), "--threads", "1"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     first = wrong / records[0]["audio_id"]
     assert (f"none of the 3 audio files was found under {wrong.resolve()} (the first looked for: {first}); check "
-            f"--audio-root (default: the data file's folder)") in err
+            f"--audio_root (default: the data file's folder)") in err
     assert not (tmp_path / "out").exists()

@@ -64,7 +64,7 @@ def test_sigkill_three_times_then_resume_equals_an_uninterrupted_run(checkpoint,
 
     def options(out: Path) -> RunOptions:
         return RunOptions(benchmark="mmau", model=str(checkpoint), data=str(data), out=str(out), batch_size=1,
-                          progress=False)  # fmt: skip
+                          progress=False)
 
     run_benchmark(options(tmp_path / "full"), log=lambda _: None)
     killed = tmp_path / "killed"

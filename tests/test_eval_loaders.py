@@ -1,4 +1,4 @@
-"""Benchmark formats, validation messages, predictions files, specs (eval/*.yaml) and prompt templates."""
+"""Benchmark formats, validation messages, predictions files, specs (diffa2/eval/benchmarks/*.yaml), prompts."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from diffa2.data.synth import ANSWER_TOKENS
+from diffa2.diffusion.decoding import DecodeConfig
 from diffa2.eval.loaders import (
     DataError,
     jsonable_record,
@@ -24,10 +26,18 @@ from diffa2.eval.loaders import (
 from diffa2.eval.prompts import PROMPTS, get_prompt, register_prompt
 from diffa2.eval.report import build_report
 from diffa2.eval.scoring import score_records
-from diffa2.eval.specs import BUILTIN_SPECS, REPO_SPEC_DIR, SpecError, load_spec, load_spec_file, spec_from_dict
+from diffa2.eval.specs import (
+    SPEC_DIR,
+    SpecError,
+    benchmark_names,
+    load_spec,
+    load_spec_file,
+    paper_decoding,
+    spec_from_dict,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
-MMAU, MMAR, MMSU = BUILTIN_SPECS["mmau"], BUILTIN_SPECS["mmar"], BUILTIN_SPECS["mmsu"]
+MMAU, MMAR, MMSU = load_spec("mmau"), load_spec("mmar"), load_spec("mmsu")
 
 
 def test_fixtures_load_and_validate():
@@ -132,19 +142,44 @@ def test_predictions_round_trip_both_formats(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_every_shipped_yaml_loads_and_the_main_ones_equal_the_builtins():
-    files = sorted(REPO_SPEC_DIR.glob("*.yaml"))
-    assert {f.stem for f in files} >= set(BUILTIN_SPECS)
+def test_every_shipped_yaml_loads_complete():
+    files = sorted(SPEC_DIR.glob("*.yaml"))
+    assert [f.name for f in files] == ["mmar.yaml", "mmau.yaml", "mmau_r1_aqa.yaml", "mmsu.yaml", "synth.yaml"]
+    assert benchmark_names() == ("mmar", "mmau", "mmsu", "synth")  # the variant is chosen with --spec
     for f in files:
         spec = load_spec_file(f)
-        if f.stem in BUILTIN_SPECS:
-            assert spec == BUILTIN_SPECS[f.stem], f"{f} drifted from diffa2.eval.specs.BUILTIN_SPECS"
         assert spec.prompt in PROMPTS
         raw = yaml.safe_load(f.read_text(encoding="utf-8"))
         assert "include" in raw or set(raw) == {fl.name for fl in dataclasses.fields(spec)}, f"{f} is incomplete"
+        assert spec_from_dict(spec.to_dict()) == spec  # the YAML schema round-trips
+
+
+def test_shipped_specs_keep_their_values():
+    """Key values of the shipped specs, pinned (they equalled the former built-in Python specs field by field)."""
+    parallel16 = DecodeConfig.preset("parallel", gen_length=16, block_length=16, steps=16)
     for name in ("mmau", "mmar", "mmsu"):  # DIFFA-2's settings (docs/model.md §7)
-        d = BUILTIN_SPECS[name].decoding
-        assert (d.steps, d.block_length, d.gen_length, d.temperature) == (16, 16, 16, 0.0)
+        spec = load_spec(name)
+        assert (spec.version, spec.profile, spec.decoding) == (2, "parallel", parallel16)
+        assert spec.profiles == {"paper": paper_decoding()} and spec.decoding.threshold == 0.9
+    assert (MMAU.format, MMAU.prompt, MMAU.rule, MMAU.prediction_key, MMAU.extra_prediction_keys) == (
+        "mmau_json", "diffa", "mmau_wordset", "model_output", ("model_prediction",))
+    assert MMAU.breakdown == ("task", "difficulty", "sub-category", "category")
+    assert MMAU.official_values == {"task": ("sound", "music", "speech"), "difficulty": ("easy", "medium", "hard")}
+    assert (MMAR.format, MMAR.prediction_key, MMAR.predictions_file) == ("mmar_jsonl", "answer_prediction",
+                                                                         "predictions.jsonl")
+    assert len(MMAR.official_values["modality"]) == 7 and MMAR.official_values["category"][0] == "Signal Layer"
+    assert (MMSU.format, MMSU.prompt, MMSU.rule, MMSU.prediction_key, MMSU.default_data) == (
+        "mmsu", "diffa_mmsu", "mmsu_letter", "response", "ddwang2000/MMSU")
+    synth = load_spec("synth")
+    assert (synth.version, synth.default_data, synth.default_model, synth.profiles) == (3, "synth",
+                                                                                      "runs/sft/final", {})
+    assert synth.decoding == DecodeConfig.preset("parallel", gen_length=ANSWER_TOKENS, block_length=ANSWER_TOKENS,
+                                                 steps=ANSWER_TOKENS)
+    assert synth.breakdown == ("sub-category", "task", "difficulty")
+    variant = load_spec("mmau", SPEC_DIR / "mmau_r1_aqa.yaml")
+    assert (variant.prompt, variant.mode, variant.profiles) == ("r1_aqa", "normalized", {})
+    assert (variant.decoding.gen_length, variant.decoding.block_length, variant.decoding.steps) == (64, 32, 64)
+    assert variant.decoding.threshold == 0.9 and variant.prediction_key == "model_output"  # the rest from mmau.yaml
 
 
 def test_spec_errors_are_clear(tmp_path):
@@ -154,12 +189,15 @@ def test_spec_errors_are_clear(tmp_path):
         spec_from_dict({"name": "mmau", "decoding": {"step": 4}})
     with pytest.raises(SpecError, match="decoding"):
         spec_from_dict({"name": "mmau", "decoding": {"gen_length": 16, "block_length": 5}})
-    with pytest.raises(SpecError, match="mode"):
-        spec_from_dict({"name": "mmau", "mode": "lenient"})
+    with pytest.raises(SpecError, match="mode 'lenient' is not one of"):
+        spec_from_dict(MMAU.to_dict() | {"mode": "lenient"})
+    with pytest.raises(SpecError, match=r"missing required key\(s\) \['data_version', 'description', 'format', "
+                                        r"'version'\]"):
+        spec_from_dict({"name": "mmau", "prompt": "diffa"})
     with pytest.raises(SpecError, match="unknown benchmark"):
         load_spec("mmlu")
     variant = tmp_path / "v.yaml"
-    variant.write_text(f"include: {REPO_SPEC_DIR / 'mmau.yaml'}\nprompt: r1_aqa\ndecoding: {{steps: 8}}\n")
+    variant.write_text(f"include: {SPEC_DIR / 'mmau.yaml'}\nprompt: r1_aqa\ndecoding: {{steps: 8}}\n")
     spec = load_spec("mmau", variant)
     assert spec.prompt == "r1_aqa" and spec.decoding.steps == 8 and spec.decoding.gen_length == 16
     with pytest.raises(SpecError, match="not 'mmar'"):
@@ -198,7 +236,10 @@ def test_diffa_prompts_match_the_reference_text():
 def test_every_template_renders_2_to_8_options_with_the_right_letters():
     eight = [f"option {i}" for i in range(8)]
     unlettered = {"mmau_authors", "mmar_authors", "r1_aqa"}  # these list the texts without letters
+    assert get_prompt("question")(" Q? ", eight) == "Q?"  # the stages' question-only prompt lists no options
     for name, template in PROMPTS.items():
+        if name == "question":
+            continue
         text = template("Q?", eight)
         assert "Q?" in text and "option 7" in text, name
         if name not in unlettered:
@@ -226,13 +267,13 @@ JSON_VALUES = st.recursive(
 )
 KEYS = st.sampled_from(["id", "choices", "answer", "answer_gt", "model_output", "answer_prediction", "response",
                         "task", "difficulty", "category", "sub-category", "modality", "choice_a", "choice_b",
-                        "choice_c", "choice_d"])  # fmt: skip
+                        "choice_c", "choice_d"])
 RECORDS = st.lists(st.dictionaries(KEYS, JSON_VALUES | st.lists(st.text(max_size=10), min_size=2, max_size=5)),
-                   min_size=1, max_size=4)  # fmt: skip
+                   min_size=1, max_size=4)
 
 
 def _score_file(path: Path, spec_name: str) -> None:
-    spec = BUILTIN_SPECS[spec_name]
+    spec = load_spec(spec_name)
     try:
         records = read_predictions(path)
         validate(records, spec, for_run=False)
@@ -253,7 +294,7 @@ def test_fuzz_arbitrary_bytes_as_predictions_file(tmp_path, content, suffix):
 
 
 EXTRA_KEYS = st.sampled_from(["model_output", "answer_prediction", "response", "task", "difficulty", "category",
-                              "sub-category", "sub-sub-category", "modality", "choice_c", "choice_d"])  # fmt: skip
+                              "sub-category", "sub-sub-category", "modality", "choice_c", "choice_d"])
 
 
 @st.composite
@@ -263,7 +304,7 @@ def nearly_valid_rows(draw) -> list[dict]:
     for _ in range(draw(st.integers(1, 4))):
         choices = draw(st.lists(st.text(max_size=12), min_size=2, max_size=6))
         row = {"choices": choices, "answer": draw(st.sampled_from(choices)),
-               "choice_a": choices[0], "choice_b": choices[1], "answer_gt": choices[0]}  # fmt: skip
+               "choice_a": choices[0], "choice_b": choices[1], "answer_gt": choices[0]}
         row |= draw(st.dictionaries(EXTRA_KEYS, JSON_VALUES | st.text(max_size=30), max_size=5))
         rows.append(row)
     return rows

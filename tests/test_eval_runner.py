@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from diffa2.eval.core import item_seed
 from diffa2.eval.loaders import read_predictions
-from diffa2.eval.runner import RunOptions, item_seed, read_partial, run_benchmark
+from diffa2.eval.resume import read_partial
+from diffa2.eval.runner import RunOptions, run_benchmark
 from diffa2.eval.scoring import score_records
-from diffa2.eval.specs import BUILTIN_SPECS
+from diffa2.eval.specs import load_spec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FINAL_FILES = ("predictions.json", "samples.jsonl", "report.json", "report.md", "report.png")
@@ -54,7 +56,7 @@ def mmau_dir(tmp_path_factory) -> Path:
 def run(checkpoint: Path, data_dir: Path, out: Path, **kw) -> dict:
     kw.setdefault("decoding", FAST)
     options = RunOptions(benchmark="mmau", model=str(checkpoint), data=str(data_dir / "mmau.json"), out=str(out),
-                         progress=False, **kw)  # fmt: skip
+                         progress=False, **kw)
     return run_benchmark(options, log=lambda _: None).report
 
 
@@ -85,7 +87,7 @@ def test_run_writes_official_format_and_counts_audio_problems(checkpoint, mmau_d
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| **overall** |" in (tmp_path / "report.md").read_text(encoding="utf-8")
     # Strict mode counts the two audio failures as wrong.
-    strict = score_records(read_predictions(tmp_path / "predictions.json"), BUILTIN_SPECS["mmau"], "strict")
+    strict = score_records(read_predictions(tmp_path / "predictions.json"), load_spec("mmau"), "strict")
     assert strict.overall()["total"] == 10
 
 
@@ -115,7 +117,7 @@ def test_resume_after_crash_and_after_limit_equals_uninterrupted(checkpoint, mma
 
     options = RunOptions(benchmark="mmau", model=str(checkpoint), data=str(mmau_dir / "mmau.json"),
                          out=str(tmp_path / "crash"), limit=12, batch_size=4, decoding=FAST,
-                         progress=False)  # fmt: skip
+                         progress=False)
     with pytest.raises(Crash):
         run_benchmark(options, on_batch=crash_after_two, log=lambda _: None)
     assert not (tmp_path / "crash" / "report.json").exists()  # no final files from a partial run

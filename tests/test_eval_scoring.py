@@ -28,12 +28,12 @@ from diffa2.eval.scoring import (
     word_set,
     wordset_match,
 )
-from diffa2.eval.specs import BUILTIN_SPECS
+from diffa2.eval.specs import load_spec
 
 FIXTURES = Path(__file__).parent / "fixtures"
-MMAU = BUILTIN_SPECS["mmau"]
-MMAR = BUILTIN_SPECS["mmar"]
-MMSU = BUILTIN_SPECS["mmsu"]
+MMAU = load_spec("mmau")
+MMAR = load_spec("mmar")
+MMSU = load_spec("mmsu")
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ MMAU_CASES = [
     ("78f299b4", "wharf", False, "2-choice item, wrong"),
     ("8cbc0f29", "Loving one's parents is a bad thing, it's not good.", True,
      "same word set as the answer (reordered negation)"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("rid", "prediction", "expected", "why"), MMAU_CASES)
@@ -133,7 +133,7 @@ MMAR_CASES = [
     ("R33NY5b6ZWA_00", "A", False, "letter"),
     ("BV1mifMY4Ebq_0", "Colonial Imagination Depicts colonies as irresponsible paradises, genderizing and "
      "objectifying local cultures and people", True, "emoji are not word characters"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("rid", "prediction", "expected", "why"), MMAR_CASES)
@@ -212,7 +212,7 @@ MMSU_PARSES = [
     ("The correct option is (B)", "B"), ("Answer: C", "A"), ("Based on the audio, the answer is D.", "B"),
     ("Correct answer: B.", "C"), ("The answer is C", None), ("c", None), ("**C**", None), ("I think it's B", None),
     ("\nB\n", "B"), ("x\nC\n.", "C"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("response", "letter"), MMSU_PARSES)
@@ -266,7 +266,7 @@ EXTRACT_CASES = [
     ("**Man**", "Man"), ("woman", "Woman"), ("Final answer: D", "Robot"), ("E", "E"), ("", ""),
     ("A. Woman", "Woman"),  # text beats a contradicting letter
     ("I hear a man speaking", "I hear a man speaking"),  # left for the official rule
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("raw", "expected"), EXTRACT_CASES)
@@ -284,7 +284,7 @@ def test_extract_text_prefers_a_choice_that_is_a_letter():
     ("raw", "expected"),
     [("Answer: C", "C"), ("c", "C"), ("**C**", "C"), ("The answer is C", "C"), ("angry", "C"), ("(D) neutral", "D"),
      ("<answer>B</answer>", "B"), ("nonsense", "nonsense"), ("Option A", "A")],
-)  # fmt: skip
+)
 def test_extract_letter_answer(raw, expected):
     assert extract_letter_answer(raw, ["happy", "sad", "angry", "neutral"]) == expected
 
@@ -316,12 +316,12 @@ def _variants(r: dict) -> list[str]:
     other = ch[(ch.index(ans) + 1) % len(ch)]
     return [ans, ans.lower(), ans.upper(), letter, f"({letter})", f"({letter}) {ans}", f"{letter}. {ans}",
             f"The answer is {ans}.", f"The answer is {letter}.", f"{ans} or {other}", "", f"{ans}!!!", f"**{ans}**",
-            f"{ans}. Options: " + ", ".join(ch), f"<answer>{ans}</answer>", other]  # fmt: skip
+            f"{ans}. Options: " + ", ".join(ch), f"<answer>{ans}</answer>", other]
 
 
 @pytest.mark.parametrize("bench", ["mmau", "mmar"])
 def test_parity_with_independent_reimplementation(tmp_path, mmau, mmar, bench):
-    spec = BUILTIN_SPECS[bench]
+    spec = load_spec(bench)
     records = list((mmau if bench == "mmau" else mmar).values())
     for v in range(len(_variants(records[0]))):
         rows = [r | {spec.prediction_key: _variants(r)[v]} for r in records]
@@ -356,7 +356,7 @@ def test_fuzz_wordset_and_extraction_never_crash(prediction, choices, pick):
 @given(response=TEXT | st.none() | st.integers(), choices=st.lists(TEXT | st.none(), min_size=4, max_size=4))
 def test_fuzz_mmsu_never_crashes(response, choices):
     rec = {"choice_a": choices[0], "choice_b": choices[1], "choice_c": choices[2], "choice_d": choices[3],
-           "answer_gt": choices[0], "response": response}  # fmt: skip
+           "answer_gt": choices[0], "response": response}
     for mode in ("official", "strict", "normalized"):
         item = score_records(_records([rec]), MMSU, mode).items[0]
         assert item.correct in (True, False)

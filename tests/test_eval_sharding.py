@@ -51,7 +51,7 @@ def torchrun(args: list[str], cwd: Path) -> str:
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            f"--master_port={port}", "-m", "diffa2.eval", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done.stderr
 

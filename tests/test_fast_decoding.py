@@ -53,7 +53,7 @@ def trajectory(model: FixedDenoiser, out) -> list[list[int]]:
     ([0.99, 0.9, 0.85, 0.81, 0.2], None, 1.0, 4),  # bars .667 .75 .8 .833; Fast-dLLM's quirk would commit all 5
     ([0.99, 0.97, 0.97], None, 0.1, 2),  # bars 1 - 0.1/3 = .967, 1 - 0.1/4 = .975
     ([], 0.9, None, 0),
-])  # fmt: skip
+])
 def test_parallel_count(confidence, threshold, factor, count):
     assert parallel_count(torch.tensor(confidence, dtype=torch.float64), threshold, factor) == count
 
@@ -84,7 +84,7 @@ PROBS = [0.999, 0.99, 0.95, 0.5]
     ({"factor": 0.1}, [[9, 9, 9, 9], [1, 2, 9, 9], [1, 2, 3, 9], [1, 2, 3, 4]]),
     ({"threshold": 0.9, "block_length": 2}, [[9, 9, 9, 9], [1, 2, 9, 9], [1, 2, 3, 9], [1, 2, 3, 4]]),
     ({"threshold": 0.99999, "steps": 2}, [[9, 9, 9, 9], [1, 2, 9, 9], [1, 2, 3, 4]]),  # steps bound the NFE
-])  # fmt: skip
+])
 def test_parallel_rules_commit_and_count_passes_exactly(kwargs, calls):
     model = FixedDenoiser([1, 2, 3, 4], PROBS)
     out = generate(model, prefix_of(1), IDS, DecodeConfig(**{"gen_length": 4, "block_length": 4, "steps": 4} | kwargs))
@@ -94,7 +94,7 @@ def test_parallel_rules_commit_and_count_passes_exactly(kwargs, calls):
 
 def test_guidance_counts_two_passes_per_parallel_step():
     out = generate(FixedDenoiser([1, 2, 3, 4], PROBS), prefix_of(2), IDS,
-                   DecodeConfig(gen_length=4, block_length=4, steps=4, threshold=0.9, cfg_scale=1.0))  # fmt: skip
+                   DecodeConfig(gen_length=4, block_length=4, steps=4, threshold=0.9, cfg_scale=1.0))
     assert out.nfe == 4 and out.row_nfe.tolist() == [4, 4]
 
 
@@ -107,7 +107,7 @@ def test_eos_early_exit_stops_when_the_text_is_decided():
     assert trajectory(model, out) == [[9] * 8, [9, eos, 9, 9, 9, 9, 9, 9], [1, eos, eos, eos, eos, eos, eos, eos]]
     assert out.nfe == 2
     full = generate(FixedDenoiser(targets, probs), prefix_of(1), IDS,
-                    DecodeConfig(gen_length=8, block_length=4, steps=8))  # fmt: skip
+                    DecodeConfig(gen_length=8, block_length=4, steps=8))
     assert full.nfe == 8 and full.token_ids[0].tolist() == targets
 
 
@@ -142,12 +142,12 @@ def test_cached_step_on_a_fresh_cache_equals_a_full_pass(confident_qa, prefix, d
     {"cache": "dual"},
     {"cache": "dual", "cfg_scale": 0.5},
     {"cache": "prefix", "threshold": 0.3},
-], ids=["prefix", "dual", "dual-cfg", "prefix-threshold"])  # fmt: skip
+], ids=["prefix", "dual", "dual-cfg", "prefix-threshold"])
 def test_cache_refreshed_every_step_equals_the_uncached_decoder(confident_qa, prefix, kwargs):
     base = DecodeConfig(gen_length=12, block_length=4, steps=12, **{k: v for k, v in kwargs.items() if k != "cache"})
     expected = generate(confident_qa.model, prefix, confident_qa.chat.ids, base)
     got = generate(confident_qa.model, prefix, confident_qa.chat.ids,
-                   replace(base, cache=kwargs["cache"], refresh_every=1))  # fmt: skip
+                   replace(base, cache=kwargs["cache"], refresh_every=1))
     assert torch.equal(got.token_ids, expected.token_ids)
     assert got.nfe == expected.nfe
 
@@ -166,7 +166,7 @@ def test_threshold_one_is_the_reference_decoder(confident_qa, prefix):
     {"cache": "prefix"},
     {"cache": "dual", "threshold": 0.3, "eos_early_exit": True},
     {"cache": "dual", "cfg_scale": 0.5, "temperature": 1.0, "eos_early_exit": True},
-], ids=["reference", "threshold", "factor", "prefix-cache", "fast", "dual-cfg-sampled"])  # fmt: skip
+], ids=["reference", "threshold", "factor", "prefix-cache", "fast", "dual-cfg-sampled"])
 def test_batch_equals_one_by_one(confident_qa, kwargs):
     config = DecodeConfig(gen_length=12, block_length=4, steps=12, **kwargs)
     seeds = [11, 22, 33]
@@ -182,10 +182,10 @@ def test_fast_modes_are_faster_and_early_exit_keeps_the_text(confident_qa, prefi
     ids = confident_qa.chat.ids
     reference = generate(confident_qa.model, prefix, ids, DecodeConfig(gen_length=12, block_length=4, steps=12))
     parallel = generate(confident_qa.model, prefix, ids, DecodeConfig.preset("parallel", gen_length=12, block_length=4,
-                                                                             steps=12, threshold=0.3))  # fmt: skip
+                                                                             steps=12, threshold=0.3))
     no_exit = generate(confident_qa.model, prefix, ids, DecodeConfig.preset("parallel", gen_length=12, block_length=4,
                                                                             steps=12, threshold=0.3,
-                                                                            eos_early_exit=False))  # fmt: skip
+                                                                            eos_early_exit=False))
     texts = [confident_qa.chat.decode_answer(row.tolist()) for row in parallel.token_ids]
     assert texts == [confident_qa.chat.decode_answer(row.tolist()) for row in no_exit.token_ids]
     # Pinned from the printed trajectories of this seeded model: every row commits its EOS runs in block 0 and
@@ -208,7 +208,7 @@ def test_fast_modes_are_faster_and_early_exit_keeps_the_text(confident_qa, prefi
     ({"cache": "suffix"}, "cache must be"),
     ({"refresh_every": 2}, "needs cache="),
     ({"cache": "dual", "refresh_every": 0}, ">= 1"),
-])  # fmt: skip
+])
 def test_invalid_fast_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DecodeConfig(**kwargs)
@@ -227,4 +227,4 @@ def test_presets_and_modes():
 def test_cache_needs_a_model_with_a_backbone():
     with pytest.raises(TypeError, match="KV cache needs a DIFFA2Model"):
         generate(FixedDenoiser([1], [0.9]), prefix_of(1), IDS, DecodeConfig(gen_length=1, block_length=1, steps=1,
-                                                                             cache="prefix"))  # fmt: skip
+                                                                             cache="prefix"))

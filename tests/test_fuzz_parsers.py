@@ -16,7 +16,7 @@ from diffa2.data.recipe import DataRecipe
 from diffa2.eval.loaders import DataError, read_predictions, validate, write_predictions
 from diffa2.eval.report import build_report
 from diffa2.eval.scoring import score_records
-from diffa2.eval.specs import BUILTIN_SPECS, MODES
+from diffa2.eval.specs import MODES, benchmark_names, load_spec
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 REQUIRED = ("input", "target", "audio_filepath")
@@ -76,12 +76,12 @@ def test_valid_manifest_records_round_trip(tmp_path_factory, records):
 
 
 @FUZZ
-@given(content=files, suffix=st.sampled_from([".jsonl", ".json"]), benchmark=st.sampled_from(sorted(BUILTIN_SPECS)),
+@given(content=files, suffix=st.sampled_from([".jsonl", ".json"]), benchmark=st.sampled_from(list(benchmark_names())),
        mode=st.sampled_from(MODES))
 def test_prediction_parser_and_scorer_fail_only_with_data_errors(tmp_path_factory, content, suffix, benchmark,
                                                                  mode):
     path = scratch(tmp_path_factory, suffix, content)
-    spec = BUILTIN_SPECS[benchmark]
+    spec = load_spec(benchmark)
     try:
         records = read_predictions(path)
         validate(records, spec, for_run=False, source=str(path))
@@ -108,7 +108,7 @@ def test_valid_prediction_files_round_trip(tmp_path_factory, records, suffix):
     write_predictions(path, records)
     read = read_predictions(path)
     assert [r.data for r in read] == records
-    validate(read, BUILTIN_SPECS["mmau"], for_run=False)
+    validate(read, load_spec("mmau"), for_run=False)
 
 
 # -- almost-valid inputs: valid records or recipes with one thing wrong, so they get past the first checks --------
@@ -154,7 +154,7 @@ recipe_breakage = st.sampled_from([
     ("validation", 0, "target_field", ["t"]), ("validation", 0, "audio_root", 5), ("train", 0, "rejected_field", 1),
     (None, None, "max_audio_seconds", -2), (None, None, "max_audio_seconds", "30"), (None, None, "train", "a.jsonl"),
     ("train", 0, "weight", "1e-3"),
-])  # fmt: skip
+])
 
 
 @FUZZ

@@ -67,10 +67,10 @@ def test_real_preset_trains_exactly_the_adapters_prompts_and_lora(bases, capsys)
     model_args, data_args, _, train_args = real_args(bases)
     # DIFFA-2's loss settings and schedule, without --config.
     assert (data_args.answer_canvas, data_args.masking_form, data_args.stop_token_loss_weight,
-            data_args.loss_reduction) == ("batch", "ratio", 1.0, "batch")  # fmt: skip
+            data_args.loss_reduction) == ("batch", "ratio", 1.0, "batch")
     assert (train_args.learning_rate, train_args.lr_scheduler_type, train_args.warmup_steps, train_args.weight_decay,
             train_args.max_grad_norm, train_args.num_train_epochs, train_args.per_device_train_batch_size) == (
-        5e-5, "cosine", 1000, 0.05, 1.0, 10, 3)  # fmt: skip
+        5e-5, "cosine", 1000, 0.05, 1.0, 10, 3)
     assert train_args.output_dir == "runs/real/sft"
     model = meta_model(model_args)
     assert next(model.parameters()).device.type == "meta"
@@ -80,14 +80,14 @@ def test_real_preset_trains_exactly_the_adapters_prompts_and_lora(bases, capsys)
     assert trainable == 99_047_424 == SEMANTIC + ACOUSTIC + PROMPTS + LORA
     assert sum(p.numel() for p in model.parameters()) == TOTAL
     assert trainable_by_part(model) == {"semantic_adapter": SEMANTIC, "acoustic_adapter": ACOUSTIC,
-                                        "prompt_embeddings": PROMPTS, "backbone": LORA}  # fmt: skip
+                                        "prompt_embeddings": PROMPTS, "backbone": LORA}
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone"))
 
 
 @pytest.mark.parametrize(("stage", "expected"), [
     ("semantic", {"semantic_adapter": SEMANTIC, "prompt_embeddings": PROMPTS}),  # 36.47 M
     ("acoustic", {"semantic_adapter": SEMANTIC, "acoustic_adapter": ACOUSTIC, "prompt_embeddings": PROMPTS}),
-])  # fmt: skip
+])
 def test_real_preset_trainable_sets_of_the_alignment_stages(bases, stage, expected):
     model_args, *_ = real_args(bases, stage=stage)
     assert trainable_by_part(meta_model(model_args)) == expected
@@ -98,7 +98,7 @@ def test_real_preset_trainable_sets_of_the_alignment_stages(bases, stage, expect
 def test_training_a_pretrained_base_in_full_is_refused_unless_allowed(bases, flag, part):
     model_args, *_ = real_args(bases, flag, "true")
     with pytest.raises(FullTrainingRefused, match=rf"refusing to train {re.escape(part)} in full.*"
-                                                   r"--allow_full_training true"):  # fmt: skip
+                                                   r"--allow_full_training true"):
         meta_model(model_args)
     model_args, *_ = real_args(bases, flag, "true", "--allow_full_training", "true")
     model = meta_model(model_args)
@@ -109,9 +109,10 @@ def test_training_a_pretrained_base_in_full_is_refused_unless_allowed(bases, fla
 @pytest.mark.parametrize("stage", sorted(REAL_RECIPES))
 def test_stage_yaml_is_the_typed_recipe(stage):
     """stages/<stage>.yaml holds exactly the preset's options plus the launch keys: one source of truth."""
-    from diffa2.stages.vrpo import ARG_TYPES
+    from diffa2.stages import rl, vrpo
 
-    assert read_yaml_config(REPO_ROOT / "stages" / f"{stage}.yaml", ARG_TYPES) == {
+    arg_types = rl.ARG_TYPES if stage == "rl" else vrpo.ARG_TYPES  # vrpo's options cover the SFT stages'
+    assert read_yaml_config(REPO_ROOT / "stages" / f"{stage}.yaml", arg_types) == {
         **REAL_RECIPES[stage].options(), **LAUNCH_KEYS}
 
 
@@ -120,7 +121,7 @@ def test_token_budget_names_what_does_not_fit():
     assert fixed.problem(30, 4) is None
     assert fixed.problem(30, 301) == "its answer has 301 tokens, more than the 4-token answer canvas"
     assert fixed.problem(41, 4) == ("prompt (41) + speech (up to 20) + answer (4) tokens exceed the backbone's "
-                                    "64-token window")  # fmt: skip
+                                    "64-token window")
     per_batch = TokenBudget(max_sequence_length=64, speech_tokens=20, canvas=None)
     assert per_batch.problem(30, 14) is None and per_batch.problem(30, 15) is not None
 
@@ -139,7 +140,7 @@ def test_per_batch_canvas_loss_equals_hand_computation(chat):
         return torch.zeros(2, width, vocab)
 
     loss = sft_loss(uniform_model, batch, chat.ids.mask, form="ratio", reduction="batch",
-                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+                    generator=torch.Generator().manual_seed(0))
     # By hand, with the same draws: t ~ U(0, 1) per row, p = 0.999 t + 0.001, a token is masked when its draw < p.
     draws = torch.Generator().manual_seed(0)
     t = torch.rand(2, generator=draws)

@@ -26,9 +26,9 @@ from diffa2.stages.runner import set_system_prompts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LONG_PROMPT = ("You are a helpful voice assistant. Imagine you can hear the audio clips. Focus on the audios and "
-               "respond directly to the prompts.")  # fmt: skip
+               "respond directly to the prompts.")
 QUESTIONS = ["How many beeps are there?", "What is the pitch of the tone?", "Please transcribe the audio to text.",
-             "What is the pitch?", "How many?", "Is it loud or quiet?", "one two three", "yes or no?"]  # fmt: skip
+             "What is the pitch?", "How many?", "Is it loud or quiet?", "one two three", "yes or no?"]
 # The tiny preset's window is 4 s (400 mel frames, 200 encoder frames); every clip here is shorter but the last.
 SECONDS = [0.5, 0.9, 1.3, 1.75, 2.2, 2.9, 3.4, 4.0]
 
@@ -64,16 +64,16 @@ def test_reference_slot_rule_by_hand(chat):
     ref = chat.with_compat("reference")
     lead, whole = ref.reference_prompt_texts("How many beeps are there?")
     head = ("<|startoftext|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful voice assistant."
-            "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nThis is the audio: ")  # fmt: skip
+            "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nThis is the audio: ")
     assert lead == head
     assert whole == head + ("<audio>. How many beeps are there?<|eot_id|>"
-                            "<|start_header_id|>assistant<|end_header_id|>\n\n")  # fmt: skip
+                            "<|start_header_id|>assistant<|end_header_id|>\n\n")
     lead_ids = [1, 3, 89, 95, 268, 75, 83, 4, 307, 295, 293, 263, 353, 336, 337, 20, 5, 3, 91, 277, 88, 4, 307, 357,
-                354, 267, 278, 32, 227]  # fmt: skip
+                354, 267, 278, 32, 227]
     assert chat.tokenizer(lead)["input_ids"] == lead_ids  # 29 tokens, the last the trailing space " "
     ids, slot = ref.encode_prompt("How many beeps are there?")
     assert ids == lead_ids + [34, 374, 365, 227, 46, 85, 93, 317, 276, 95, 318, 360, 86, 89, 293, 267, 274, 37, 5, 3,
-                              71, 316, 4, 307]  # fmt: skip
+                              71, 316, 4, 307]
     assert slot == 29 - 1
     assert chat.tokenizer.decode(ids[:slot]).endswith("This is the audio:")
     assert chat.tokenizer.decode(ids[slot:]).startswith(" <audio>. How many beeps")
@@ -135,12 +135,12 @@ def test_the_llm_mask_at_batch_one_is_no_mask(chat):
     lm = model.backbone.lm  # transformers drops an all-true mask: attention gets no bias at all, on any device
     all_true = torch.ones(1, 30, dtype=torch.long)
     assert create_causal_mask(config=lm.config, inputs_embeds=embeds, attention_mask=all_true, cache=None,
-                              position_ids=torch.arange(30)[None]) is None  # fmt: skip
+                              position_ids=torch.arange(30)[None]) is None
 
 
 def test_large_v3_features_have_128_mels_and_a_30_s_window(chat):
     config = DIFFA2Config(encoder=dict(WHISPER_LARGE_V3), backbone=make_tiny_model(chat).config.backbone,
-                          compat="reference")  # fmt: skip
+                          compat="reference")
     assert (config.n_mels, config.window_seconds) == (128, 30.0)
     features, lengths = LogMelFeaturizer(config.n_mels, config.window_seconds)([clip(1.0), clip(2.5)])
     assert tuple(features.shape) == (2, 128, 3000) and lengths.tolist() == [100, 250]

@@ -27,7 +27,7 @@ from diffa2.modeling.safe_load import CheckpointError
 HUB_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
 # LLaDA module -> its module inside a transformers Llama layer (the renaming of docs/release-format.md).
 LLAMA_MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-                "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj"}  # fmt: skip
+                "ff_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj"}
 
 
 
@@ -56,7 +56,7 @@ def expected_config(release, lora: LoraSettings | None, speech_path: str = "acou
                         tap_layers=WHISPER_TINY_TAPS, num_queries=8, qformer_layers=2, qformer_heads=4,
                         qformer_intermediate=3072, qformer_dropout=0.1, num_prompt_embeddings=20,
                         system_prompt=DEFAULT_SYSTEM_PROMPT, training_system_prompt=SYSTEM_PROMPT_LONG,
-                        compat="reference", lora=lora, speech_path=speech_path)  # fmt: skip
+                        compat="reference", lora=lora, speech_path=speech_path)
 
 
 def composed_model(release, config: DIFFA2Config) -> DIFFA2Model:
@@ -175,11 +175,11 @@ def test_safetensors_are_preferred_over_the_pickle(release, tmp_path, tokenizer_
 def test_bf16_release_logits_stay_within_the_stated_bound(chat, release, tmp_path, tokenizer_dir):
     """Measured on this tiny model (max |logit| 4.4): bf16 storage moves logits by 0.045, bf16 compute by 0.084."""
     reference = logits(import_release(write_release(release, tmp_path / "fp32", dtype=torch.float32),
-                                      tokenizer=tokenizer_dir).model, chat)  # fmt: skip
+                                      tokenizer=tokenizer_dir).model, chat)
     bf16_dir = write_release(release, tmp_path / "bf16")
     stored = (logits(import_release(bf16_dir, tokenizer=tokenizer_dir).model, chat) - reference).abs().max()
     computed = (logits(import_release(bf16_dir, tokenizer=tokenizer_dir, dtype=torch.bfloat16).model, chat)
-                - reference).abs().max()  # fmt: skip
+                - reference).abs().max()
     print(f"max |logit|: {float(reference.abs().max()):.3f}; bf16 weights in fp32: {float(stored):.4f}; "
           f"bf16 weights and compute: {float(computed):.4f}")
     assert 0 < float(stored) < 0.1
@@ -214,7 +214,7 @@ def test_bf16_export_of_a_bf16_release_is_the_same_file_content(release, tmp_pat
     assert_same_tensors(read_bin(exported.directory / "pytorch_model.bin"), read_bin(directory / "pytorch_model.bin"))
     assert json.loads((exported.directory / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert exported.notes == ["tap layers [0, 1, 2, 3]: the reference always taps openai/whisper-large-v3's",
-                              "8 acoustic queries: the reference always builds 64"]  # fmt: skip
+                              "8 acoustic queries: the reference always builds 64"]
 
 
 # -- bad inputs -------------------------------------------------------------------------------------------
@@ -274,16 +274,16 @@ def bases_and_release(tmp_path, chat, tokenizer_dir):
     for file in tokenizer_dir.iterdir():
         shutil.copy(file, llada / file.name)
     encoder = {k.removeprefix("model.encoder."): v for k, v in load_file(whisper / "model.safetensors").items()
-               if k.startswith("model.encoder.")}  # fmt: skip
+               if k.startswith("model.encoder.")}
     release = make_tiny_release(llm_config=llm, whisper_config=WhisperConfig.from_pretrained(whisper).to_dict(),
-                                whisper=encoder, llada=tiny_llada_state_dict(llm, seed=0))  # fmt: skip
+                                whisper=encoder, llada=tiny_llada_state_dict(llm, seed=0))
     return whisper, llada, write_release(release, tmp_path / "release")
 
 
 def test_convert_official_then_export_official_reproduces_the_release(chat, tmp_path, bases_and_release, capsys):
     whisper, llada, source = bases_and_release
     assert main(["official", "--src", str(source), "--whisper", str(whisper), "--llada", str(llada),
-                 "--out", str(tmp_path / "ckpt")]) == 0  # fmt: skip
+                 "--out", str(tmp_path / "ckpt")]) == 0
     printed = capsys.readouterr().out
     assert "whisper_model.*: 67 tensors identical to --whisper (at bfloat16)" in printed
     assert "llm_model.* base: 21 tensors identical to --llada (at bfloat16)" in printed

@@ -19,7 +19,7 @@ MASK = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)  # the 
     ("seq-mean-token-sum", (3 + 4) / 2),  # 2 sequences with tokens; the empty one is not counted
     ("seq-mean-token-mean", (1.5 + 4) / 2),
     ("seq-mean-token-sum-norm", (1 + 2 + 4) / 3),  # S defaults to the padded length T = 3
-])  # fmt: skip
+])
 def test_modes_by_hand(mode, expected):
     assert agg_loss(LOSS, MASK, mode).item() == pytest.approx(expected)
 
@@ -76,7 +76,7 @@ def kl_value_and_grad(name, log_prob=LOG_HALF, ref=LOG_QUARTER):
     ("low_var_kl", 0.5 + DELTA - 1.0, 0.5),
     ("k1+", DELTA, DELTA),  # straight-through: value of k1, gradient of k2
     ("k3+", 0.5 + DELTA - 1.0, DELTA),
-])  # fmt: skip
+])
 def test_kl_estimators_by_hand(name, value, grad):
     got_value, got_grad = kl_value_and_grad(name)
     assert got_value == pytest.approx(value)

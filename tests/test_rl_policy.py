@@ -97,7 +97,7 @@ WEIGHT_CASES = [
     ("ce_gppo", None, lambda r, a: w_gppo(r, a, hi=0.2, beta1=0.25)),
     ("dgpo", None, w_dgpo),
     ("dgpo", rl.DGPOConfig(n=2.0, m=2.0), lambda r, a: w_dgpo(r, a, n=2.0, m=2.0)),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name, config, formula", WEIGHT_CASES, ids=lambda c: c if isinstance(c, str) else "")
@@ -141,7 +141,7 @@ def test_ppo_metrics_by_hand():
     ("dgpo", lambda r, a: -a * w_dgpo(r, a)),  # r' = W for the power forms: value = −A·r^(n+1)/lbⁿ etc.
     ("gppo", lambda r, a: -a * (0.8 if (a < 0 and r < 0.8) else 1.28 if (a > 0 and r > 1.28) else r)
      if not (a < 0 and r > 3.0) else -a * 3.0),
-])  # fmt: skip
+])
 def test_soft_loss_values(name, formula_value):
     loss, _, pairs, _ = loss_and_weight(name)
     assert loss == pytest.approx([formula_value(r, a) for r, a in pairs], rel=1e-9)

@@ -112,7 +112,7 @@ REFERENCE_DEFAULTS = [
     (rl.DualTrackConfig(), dict(weights=(0.5, 1.0), eps=1e-6, clip=10.0, unbiased_std=False)),
     (rl.OPDConfig(), dict(kl_penalty_coef=1.0, kl_discount_factor=0.0)),
     (rl.DynaMOConfig(), dict(clip_ratio_high=0.28, lambda_min=0.6, mu_max=1.2, slope=50.0, knee=0.99)),
-    (rl.ElboEstimator(), dict(n_t=8, n_yt=1, form="t")),
+    (rl.ElboEstimator(), dict(n_t=8, n_yt=1, form="ratio")),
     (rl.D1Estimator(), dict(p_mask_prompt=0.15)),
     (rl.SPGEstimator(), dict(bound="mix", beta=1.5, omega=0.5, n_t=2, min_t=0.0, max_t=1.0)),
 ]

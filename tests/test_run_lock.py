@@ -124,7 +124,7 @@ LOCK_THEN = "import os, sys; from diffa2.run_lock import RunLock; RunLock(sys.ar
 
 def test_a_second_process_is_refused_while_the_first_runs(tmp_path):
     first = subprocess.Popen([sys.executable, "-c", LOCK_THEN + "print('locked', flush=True); import time; "
-                              "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+                              "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline() == "locked\n"
         with pytest.raises(RunDirError, match=rf"in use by another run: PID {first.pid} on {socket.gethostname()} "):
@@ -225,7 +225,7 @@ def test_eval_run_refuses_a_folder_locked_by_a_live_run(checkpoint, tmp_path, sl
         (data / r["audio_id"]).write_bytes(b"not decoded: the run stops first")
     plant(tmp_path / "out", holder(sleeper.pid))
     argv = ["run", "--benchmark", "mmau", "--model", str(checkpoint), "--data", str(data / "mmau.json"),
-            "--out", str(tmp_path / "out"), "--threads", "1"]  # fmt: skip
+            "--out", str(tmp_path / "out"), "--threads", "1"]
     assert eval_main(argv) == 2
     assert f"is in use by another run: PID {sleeper.pid} on " in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LOCK_NAME]

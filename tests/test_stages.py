@@ -15,7 +15,7 @@ from diffa2.data.synth import format_mc_prompt
 from diffa2.diffusion.decoding import DecodeConfig
 from diffa2.stages import acoustic, semantic, sft
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
-from diffa2.stages.evaluate import evaluate_multiple_choice
+from diffa2.stages.evaluate import evaluate_test_split
 from diffa2.stages.runner import REPO_ROOT, SFTStage
 
 ARG_TYPES = (ModelArguments, DataArguments, EvalArguments, StageTrainingArguments)
@@ -109,9 +109,9 @@ class ScriptedQA:
         self.model = SimpleNamespace(config=SimpleNamespace(window_seconds=4.0))
         self.prompts, self.script = [], []
 
-    def answer(self, waves, prompts, decode):
+    def answer(self, waves, prompts, decode, seed=None):
         self.prompts += prompts
-        return SimpleNamespace(texts=[self.script.pop(0) for _ in prompts])
+        return SimpleNamespace(texts=[self.script.pop(0) for _ in prompts], row_nfe=[decode.steps] * len(prompts))
 
 
 @pytest.mark.parametrize("prompt", ["choices", "question"])
@@ -121,14 +121,14 @@ def test_test_split_is_asked_with_the_chosen_prompt_and_scored_against_the_choic
     # Item 0 answered with its answer, item 1 with a wrong choice, item 2 with text matching no choice, the rest right.
     wrong = next(c for c in records[1]["choices"] if c != records[1]["answer"])
     qa.script = [records[0]["answer"], wrong, "purple elephant", *(r["answer"] for r in records[3:])]
-    result = evaluate_multiple_choice(qa, small_corpus / "test_mmau.json", DecodeConfig(), limit=6, prompt=prompt)
+    result = evaluate_test_split(qa, small_corpus / "test_mmau.json", DecodeConfig(), limit=6, prompt=prompt)
     assert result["prompt"] == prompt and result["total"] == 6
     assert result["accuracy"] == pytest.approx(100 * 4 / 6)
     expected = [format_mc_prompt(r["question"], r["choices"]) if prompt == "choices" else r["question"]
                 for r in records]
     assert qa.prompts == expected
     with pytest.raises(ValueError, match="test prompt 'letters'"):
-        evaluate_multiple_choice(qa, small_corpus / "test_mmau.json", DecodeConfig(), limit=6, prompt="letters")
+        evaluate_test_split(qa, small_corpus / "test_mmau.json", DecodeConfig(), limit=6, prompt="letters")
 
 
 def test_audio_path_learning_rate_multiplier(tmp_path, small_corpus):

@@ -29,9 +29,9 @@ from diffa2.data.synth import (
 )
 
 DESTA_KEYS = {"audio_id", "audio_filepath", "transcription", "input", "target", "dataset", "duration",
-              "seed_transcript"}  # fmt: skip
+              "seed_transcript"}
 MMAU_KEYS = {"id", "audio_id", "question", "choices", "answer", "dataset", "task", "split", "category",
-             "sub-category", "difficulty"}  # fmt: skip
+             "sub-category", "difficulty"}
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -129,7 +129,7 @@ def test_answers_agree_with_the_rendered_attributes(records):
     """The target of every attribute question is the attribute written in the seed transcript."""
     as_word = {"1": "one", "2": "two", "3": "three", "4": "four"}
     field = {"Pitch": "pitch", "Tempo": "tempo", "Loudness": "loudness", "Background Noise": "noise",
-             "Event Counting": "beeps"}  # fmt: skip
+             "Event Counting": "beeps"}
     for items in records.values():
         for r in items:
             if r["kind"] in field:

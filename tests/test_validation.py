@@ -18,14 +18,16 @@ from diffa2.demo.cli import build_parser as demo_parser
 from diffa2.demo.cli import parse_args as demo_args
 from diffa2.eval.__main__ import build_parser as eval_parser
 from diffa2.eval.__main__ import main as eval_main
+from diffa2.serve.cli import build_parser as serve_parser
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
 from diffa2.stages.cli import SFT_ARG_TYPES, parse_stage_options
+from diffa2.stages.rl import RLArguments
 from diffa2.stages.vrpo import VRPOArguments
 from diffa2.threads import ThreadArguments
 from diffa2.validation import RULES, OptionError, Range, check_args, option_flags
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-OUR_DATACLASSES = (ModelArguments, DataArguments, EvalArguments, VRPOArguments, ThreadArguments)
+OUR_DATACLASSES = (ModelArguments, DataArguments, EvalArguments, VRPOArguments, RLArguments, ThreadArguments)
 
 
 def bench_parser(name: str) -> argparse.ArgumentParser:
@@ -37,8 +39,8 @@ def bench_parser(name: str) -> argparse.ArgumentParser:
 
 
 def argparse_entry_points() -> dict[str, argparse.ArgumentParser]:
-    parsers = {"eval": eval_parser(), "demo": demo_parser(), "synth": synth_parser()}
-    return parsers | {f"bench/{n}": bench_parser(n) for n in ("decode", "vrpo_variance", "memory_estimate",
+    parsers = {"eval": eval_parser(), "demo": demo_parser(), "synth": synth_parser(), "serve": serve_parser()}
+    return parsers | {f"bench/{n}": bench_parser(n) for n in ("decode", "vrpo_variance", "memory_estimate", "serve",
                                                                "eval_parity")}
 
 
@@ -133,7 +135,7 @@ def test_stage_command_exits_2_naming_the_option(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["run", "--benchmark", "synth", "--batch-size", "0"], "--batch-size 0 is out of range: must be >= 1"),
+        (["run", "--benchmark", "synth", "--batch-size", "0"], "--batch_size 0 is out of range: must be >= 1"),
         (["run", "--benchmark", "synth", "--limit", "-3"], "--limit -3 is out of range: must be >= 1"),
         (["run", "--benchmark", "synth", "--threshold", "1.5"], "--threshold 1.5 is out of range: must be in (0, 1]"),
         (["run", "--benchmark", "synth", "--temperature", "-1"], "--temperature -1 is out of range: must be >= 0"),
@@ -152,7 +154,7 @@ def test_eval_options_out_of_range(argv, message, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--port", "70000"], "--port 70000 is out of range: must be 1..65535"),
-     (["--max-upload-mb", "0"], "--max-upload-mb 0 is out of range: must be > 0")],
+     (["--max-upload-mb", "0"], "--max_upload_mb 0 is out of range: must be > 0")],
 )
 def test_demo_options_out_of_range(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -162,7 +164,7 @@ def test_demo_options_out_of_range(argv, message, capsys):
 
 @pytest.mark.parametrize(
     ("name", "argv", "message"),
-    [("decode", ["--gen-lengths", "32", "0"], "--gen-lengths 0 is out of range: must be >= 1"),
+    [("decode", ["--gen-lengths", "32", "0"], "--gen_lengths 0 is out of range: must be >= 1"),
      ("vrpo_variance", ["--replicates", "1"], "--replicates 1 is out of range: must be >= 2"),
      ("memory_estimate", ["--threads", "-1"], "--threads -1 is out of range: must be >= 1")],
 )
@@ -178,7 +180,7 @@ def test_synth_vocab_size_out_of_range(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--vocab-size", "100", "--out", "/nonexistent/never-written"])
     assert exit_info.value.code == 2
-    assert "--vocab-size 100 is out of range: must be >= 263" in capsys.readouterr().err
+    assert "--vocab_size 100 is out of range: must be >= 263" in capsys.readouterr().err
 
 
 def test_entry_points_take_threads():

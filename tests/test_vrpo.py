@@ -189,7 +189,7 @@ def test_vrpo_without_the_sft_checkpoint_says_what_to_run(tmp_path):
         vrpo.main(["--output_dir", str(tmp_path / "runs" / "vrpo")])
     with pytest.raises(FileNotFoundError, match=r"python -m diffa2\.stages\.sft"):
         previous_checkpoint(ModelArguments(), vrpo.SPEC, tmp_path / "runs" / "vrpo")
-    assert previous_checkpoint(ModelArguments(init_from="none"), vrpo.SPEC, tmp_path / "runs" / "vrpo") is None
+    assert previous_checkpoint(ModelArguments(model="none"), vrpo.SPEC, tmp_path / "runs" / "vrpo") is None
     # the SFT stages keep falling back to a fresh model
     assert previous_checkpoint(ModelArguments(), sft.SPEC, tmp_path / "runs" / "sft") is None
 
@@ -209,7 +209,7 @@ def test_real_recipe_builds_its_trainer(tmp_path, real_format_bases):
     assert (targs.learning_rate, targs.weight_decay, targs.warmup_steps, targs.max_grad_norm) == (5e-5, 0.05, 1000, 1)
     assert targs.per_device_train_batch_size == 1 and targs.num_train_epochs == 10 and targs.seed == 42
     assert real["bf16"] is True and real["deepspeed"].endswith("zero1_offload.json")
-    assert (config.beta, config.n_t, config.n_yt, config.elbo_form, config.antithetic) == (0.2, 4, 1, "l", True)
+    assert (config.beta, config.n_t, config.n_yt, config.elbo_form, config.antithetic) == (0.2, 4, 1, "count", True)
     assert stage.trainer.estimator.budget == 4
     trainable = {n.split(".")[0] for n, p in stage.model.named_parameters() if p.requires_grad}
     assert trainable == {"semantic_adapter", "acoustic_adapter", "prompt_embeddings", "backbone"}

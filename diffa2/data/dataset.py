@@ -40,7 +40,7 @@ class TokenBudget:
         answer = self.canvas or answer_tokens
         if prompt_tokens + self.speech_tokens + answer > self.max_sequence_length:
             return (f"prompt ({prompt_tokens}) + speech (up to {self.speech_tokens}) + answer ({answer}) tokens exceed "
-                    f"the backbone's {self.max_sequence_length}-token window")  # fmt: skip
+                    f"the backbone's {self.max_sequence_length}-token window")
         return None
 
 

@@ -22,7 +22,7 @@ from diffa2.audio import SAMPLE_RATE, AudioError, load_audio, trim_to_window
 from diffa2.chat import ChatFormat
 from diffa2.demo import DEFAULT_MAX_UPLOAD_MB
 from diffa2.diffusion.decoding import DecodeConfig
-from diffa2.eval.specs import BUILTIN_SPECS
+from diffa2.eval.specs import load_spec
 from diffa2.inference import AudioQA
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 MASK_GLYPH = "▒"  # a position still masked
 END_GLYPH = "·"  # a position committed to end-of-answer (EOS / end of turn)
 SILENCE_PEAK = 1e-4  # -80 dBFS: a clip whose loudest sample is below this is treated as silent
-EVAL_DECODING = BUILTIN_SPECS["synth"].decoding  # what `python -m diffa2.eval run --benchmark synth` decodes with
+EVAL_DECODING = load_spec("synth").decoding  # what `python -m diffa2.eval run --benchmark synth` decodes with
 
 
 class DemoError(ValueError):

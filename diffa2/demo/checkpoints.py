@@ -8,7 +8,7 @@ from pathlib import Path
 NO_CHECKPOINT_HELP = (
     "**No checkpoint found in `{runs}`.** Train the tiny embedded default (about 13 minutes on a 2-core CPU) with "
     "`make train` or `python -m diffa2.stages.sft`, or with the button below; or start the demo with "
-    "`--checkpoint DIR`, or type a checkpoint directory into the box above."
+    "`--model DIR`, or type a checkpoint directory into the box above."
 )
 
 

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from diffa2.cli_flags import add_flag
 from diffa2.demo import DEFAULT_MAX_UPLOAD_MB
 from diffa2.threads import add_threads_option, apply_threads
 from diffa2.validation import parse_checked
@@ -21,14 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes the demo to the network)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
-    parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint directory to preselect (default: the latest embedded-default checkpoint "
-                             "under --runs-dir)")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs"),
-                        help="where stage runs write <stage>/final checkpoints and the train button trains "
-                             "(default: runs)")
-    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
-                        help=f"largest upload accepted, in MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
+    add_flag(parser, "--model", "--checkpoint", default=None,
+             help="checkpoint directory to preselect (default: the latest embedded-default checkpoint under "
+                  "--runs_dir)")
+    add_flag(parser, "--runs_dir", type=Path, default=Path("runs"),
+             help="where stage runs write <stage>/final checkpoints and the train button trains (default: runs)")
+    add_flag(parser, "--max_upload_mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+             help=f"largest upload accepted, in MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
     parser.add_argument("--compat", choices=("toolkit", "reference"),  # DIFFA2Config.compat (not imported: --help
                         help="toolkit or reference (DIFFA-2's released inference code, docs/reference-compat.md); "
                              "default: each checkpoint's own setting")  # stays instant without transformers)
@@ -47,5 +47,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     apply_threads(args.threads)
     from diffa2.demo.ui import DemoOptions, launch  # gradio is imported only once --help has been handled
 
-    launch(DemoOptions(runs_dir=args.runs_dir, checkpoint=args.checkpoint, max_upload_mb=args.max_upload_mb,
+    launch(DemoOptions(runs_dir=args.runs_dir, checkpoint=args.model, max_upload_mb=args.max_upload_mb,
                        compat=args.compat), host=args.host, port=args.port, share=args.share)

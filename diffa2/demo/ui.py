@@ -10,8 +10,9 @@ from pathlib import Path
 import gradio as gr
 
 from diffa2.demo import DEFAULT_MAX_UPLOAD_MB
-from diffa2.demo.answer import END_GLYPH, MASK_GLYPH, DecodeSettings, answer_clip
+from diffa2.demo.answer import END_GLYPH, MASK_GLYPH, DecodeSettings, DemoError, answer_clip
 from diffa2.demo.checkpoints import NO_CHECKPOINT_HELP, checkpoint_choices, default_checkpoint
+from diffa2.demo.evaluation import evaluate_checkpoint, format_evaluation
 from diffa2.demo.examples import EXAMPLE_QUESTIONS, example_clips
 from diffa2.demo.training import TrainingFailed, run_training, tiny_default_command
 from diffa2.diffusion.decoding import DEFAULT_MODE, PRESETS
@@ -75,6 +76,8 @@ def build_app(options: DemoOptions) -> gr.Blocks:
                     missing = gr.Markdown(NO_CHECKPOINT_HELP.format(runs=options.runs_dir), visible=selected is None)
                     train = gr.Button("Train the tiny default (about 13 min on CPU)", elem_id="train")
                     trained = gr.Markdown(elem_id="train-status")
+                    measure = gr.Button("Accuracy on the synthetic test split", elem_id="evaluate")
+                    measured = gr.Markdown(elem_id="evaluate-status")
                 with gr.Accordion("Decoding settings", open=False):
                     mode = gr.Dropdown(list(PRESETS), value=DEFAULT_MODE, label="Mode",
                                        info="a named preset: it sets the four speed controls below")
@@ -115,6 +118,18 @@ def build_app(options: DemoOptions) -> gr.Blocks:
             selected = gr.update(choices=choices, value=latest)
             return selected, gr.update(visible=False), f"Trained and selected `{latest}`."
 
+        def on_evaluate(checkpoint, gen_length, block_length, steps, threshold, factor, cache, eos_early_exit) -> str:
+            settings = DecodeSettings(gen_length=gen_length, block_length=block_length, steps=steps,
+                                      threshold=threshold, factor=factor, cache=cache, eos_early_exit=eos_early_exit)
+            try:  # the corpus the train button's stage builds and tests on (its working directory's data/synth)
+                from diffa2.data.synth import DEFAULT_CORPUS_DIR, ensure_synth_corpus
+
+                corpus = ensure_synth_corpus(options.runs_dir.resolve().parent / DEFAULT_CORPUS_DIR)
+                return format_evaluation(evaluate_checkpoint(checkpoint, corpus.test_mmau, settings,
+                                                             compat=options.compat))
+            except (DemoError, ValueError) as exc:
+                return f"⚠ {exc}"
+
         def on_mode(name: str) -> tuple:
             chosen = DecodeSettings.from_mode(name)
             return chosen.threshold, chosen.factor, chosen.cache, chosen.eos_early_exit
@@ -125,6 +140,8 @@ def build_app(options: DemoOptions) -> gr.Blocks:
         gr.on([ask.click, question.submit], on_answer, inputs, [answer, status], api_name="answer",
               show_progress="minimal")
         train.click(on_train, None, [checkpoint, missing, trained], api_name="train")
+        measure.click(on_evaluate, [checkpoint, gen_length, block_length, steps, threshold, factor, cache,
+                                    eos_early_exit], measured, api_name="evaluate")
     return app
 
 

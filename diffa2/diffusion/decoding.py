@@ -105,7 +105,7 @@ class DecodeConfig:
             raise ValueError("factor_quirk is an edge case of the factor rule: it needs a factor")
         if (self.threshold is not None or self.factor is not None) and self.remasking != "low_confidence":
             raise ValueError("threshold and factor rank tokens by model confidence: they need "
-                             "remasking='low_confidence' (random remasking has no confidence)")  # fmt: skip
+                             "remasking='low_confidence' (random remasking has no confidence)")
         if self.cache not in ("none", "prefix", "dual"):
             raise ValueError(f"cache must be 'none', 'prefix' or 'dual', got {self.cache!r}")
         if self.refresh_every is not None and (self.cache == "none" or self.refresh_every < 1):
@@ -227,7 +227,7 @@ def generate(
             if config.logits_eos_inf:
                 logits[..., special.eos] = float("-inf")
             for row in (r for r in range(batch) if active[r]):
-                _commit_row(x[row, lo:hi], logits[row], int(schedule[row, step]), special, config, generators[row])
+                commit_row(x[row, lo:hi], logits[row], int(schedule[row, step]), special, config, generators[row])
             if config.eos_early_exit:
                 decided |= finish_at_eos(x, special, with_eot=config.exit_on_eot)
             if on_step is not None:
@@ -235,7 +235,7 @@ def generate(
     return DecodeOutput(x, nfe, row_nfe, time.perf_counter() - start)
 
 
-def _commit_row(
+def commit_row(
     x: torch.Tensor,
     logits: torch.Tensor,
     count: int,

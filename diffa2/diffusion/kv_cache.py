@@ -49,7 +49,7 @@ class BlockCache:
     def __init__(self, model, prefix, *, dual: bool, refresh_every: int | None = None) -> None:
         if not (hasattr(model, "backbone_inputs") and hasattr(model, "backbone")):
             raise TypeError(f"a KV cache needs a DIFFA2Model-like model (backbone_inputs, backbone); "
-                            f"got {type(model).__name__}")  # fmt: skip
+                            f"got {type(model).__name__}")
         self.model = model
         self.prefix = prefix
         self.dual = dual

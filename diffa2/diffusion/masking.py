@@ -6,18 +6,20 @@
   tokens masked; the weight is L/k <= L, so a rare lightly-masked sample cannot dominate a batch with a
   1/p of up to 1000. Same expectation, much lower variance for short answers.
 
-Prompt and speech positions are not part of the answer tensor, so they can never be masked.
+Prompt and speech positions are not part of the answer tensor, so they can never be masked. The two forms are one
+vocabulary with the RL library's ELBO estimators (`diffa2.rl.elbo.MaskingForm`, where the type lives so that `rl/`
+stays free of other diffa2 imports; the papers' letters "t" and "l" are accepted for "ratio" and "count").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
+from diffa2.rl.elbo import MaskingForm, masking_form
+
 DEFAULT_EPS = 1e-3
-MaskingForm = Literal["ratio", "count"]
 
 
 @dataclass
@@ -47,17 +49,15 @@ def forward_process(
     u = torch.rand(batch, generator=generator, device=device)  # t (ratio form) or the draw of k (count form)
     draws = torch.rand(answer_ids.shape, generator=generator, device=device)
     inside = answer_mask.bool()
-    if form == "ratio":
+    if masking_form(form) == "ratio":
         p_mask = mask_probability(u, eps)
         masked = (draws < p_mask[:, None]) & inside
-    elif form == "count":
+    else:  # count
         lengths = inside.sum(dim=1).clamp(min=1)
         k = (u * lengths).long() + 1  # U{1..L}
         # The k answer positions with the smallest draws: a uniformly random subset of size k.
         rank = draws.masked_fill(~inside, 2.0).argsort(dim=1).argsort(dim=1)
         masked = (rank < k[:, None]) & inside
         p_mask = k.float() / lengths.float()
-    else:
-        raise ValueError(f"unknown masking form {form!r}; choose 'ratio' or 'count'")
     noisy = torch.where(masked, torch.full_like(answer_ids, mask_id), answer_ids)
     return NoisedAnswers(noisy, masked, p_mask)

@@ -3,9 +3,10 @@
 ``python -m diffa2.eval run|score|prompts --help``. Generation (``runner``) is kept apart from scoring
 (``scoring``), so ``score`` reruns extraction and scoring on any saved predictions file.
 
-Modules: ``specs`` (benchmark specs, eval/*.yaml), ``loaders`` (formats, validation, predictions files),
+Modules: ``specs`` (benchmark specs, benchmarks/*.yaml), ``loaders`` (formats, validation, predictions files),
 ``prompts`` (templates by name), ``scoring`` (official / strict / normalized), ``report`` (report.json, .md, .png),
-``runner`` (resumable batched decoding).
+``core`` (the one evaluator: decode and score items in memory), ``runner`` (resumable, sharded runs writing the
+result files), ``resume`` (fingerprints and partial logs).
 """
 
 from diffa2.eval.loaders import DataError, Item, Record, read_predictions, read_records, validate
@@ -20,16 +21,16 @@ from diffa2.eval.scoring import (
     word_set,
     wordset_match,
 )
-from diffa2.eval.specs import BUILTIN_SPECS, BenchmarkSpec, load_spec
+from diffa2.eval.specs import BenchmarkSpec, benchmark_names, load_spec
 
 __all__ = [
-    "BUILTIN_SPECS",
     "PROMPTS",
     "BenchmarkSpec",
     "DataError",
     "Item",
     "Record",
     "ScoreResult",
+    "benchmark_names",
     "build_report",
     "extract_letter_answer",
     "extract_text_answer",

@@ -2,9 +2,9 @@
 
 Laptop (the embedded default's synthetic test split, on the checkpoint `make train` wrote to runs/sft/final):
     python -m diffa2.eval run --benchmark synth
-    python -m diffa2.eval run --benchmark synth --decode-mode reference   # LLaDA's decoder instead of the fast default
+    python -m diffa2.eval run --benchmark synth --decode_mode reference   # LLaDA's decoder instead of the fast default
 Real scale:
-    python -m diffa2.eval run --benchmark mmau --model CKPT --data mmau-test-mini.json --audio-root DIR --batch-size 16
+    python -m diffa2.eval run --benchmark mmau --model CKPT --data mmau-test-mini.json --audio_root DIR --batch_size 16
     python -m diffa2.eval run --benchmark mmsu --model CKPT --data ddwang2000/MMSU
     torchrun --nproc_per_node=8 -m diffa2.eval run --benchmark mmau ...   # one shard per GPU, merged by rank 0
     python -m diffa2.eval score --benchmark mmau --predictions predictions.json --mode normalized
@@ -18,57 +18,58 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diffa2.chat import COMPAT_MODES
+from diffa2.cli_flags import add_flag
 from diffa2.diffusion.decoding import DEFAULT_MODE, PRESETS, SPEED_FIELDS, DecodeConfig
 from diffa2.eval.loaders import DataError, read_predictions, validate
 from diffa2.eval.prompts import PROMPTS
 from diffa2.eval.report import build_report, format_table, write_report
 from diffa2.eval.scoring import score_records
-from diffa2.eval.specs import BUILTIN_SPECS, MODES, SpecError, load_spec
+from diffa2.eval.specs import MODES, SpecError, benchmark_names, load_spec
 from diffa2.run_lock import RunDirError
 from diffa2.threads import add_threads_option, apply_threads
 from diffa2.validation import parse_checked
 
-BENCHMARKS = sorted(BUILTIN_SPECS)
+BENCHMARKS = list(benchmark_names())
 
 
 def _add_decoding(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding (default: the benchmark spec's; DIFFA-2 used 16/16/16, greedy)")
-    group.add_argument("--gen-length", type=int, help="answer tokens to generate")
-    group.add_argument("--block-length", type=int, help="semi-autoregressive block size")
+    add_flag(group, "--gen_length", type=int, help="answer tokens to generate")
+    add_flag(group, "--block_length", type=int, help="semi-autoregressive block size")
     group.add_argument("--steps", type=int, help="total denoising steps")
     group.add_argument("--temperature", type=float, help="Gumbel noise temperature (0 = greedy)")
-    group.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale")
+    add_flag(group, "--cfg_scale", type=float, help="classifier-free guidance scale")
     group.add_argument("--remasking", choices=["low_confidence", "random"], help="remasking strategy")
-    group.add_argument("--logits-eos-inf", action=argparse.BooleanOptionalAction, default=None,
-                       help="never predict EOS")  # fmt: skip
-    group.add_argument("--confidence-eos-eot-inf", action=argparse.BooleanOptionalAction, default=None,
-                       help="commit EOS / end-of-turn predictions last")  # fmt: skip
+    add_flag(group, "--logits_eos_inf", action=argparse.BooleanOptionalAction, default=None,
+             help="never predict EOS")
+    add_flag(group, "--confidence_eos_eot_inf", action=argparse.BooleanOptionalAction, default=None,
+             help="commit EOS / end-of-turn predictions last")
     group.add_argument("--profile", help="decoding profile of the spec: 'parallel' (the toolkit's default) or, for "
                        "MMSU/MMAU/MMAR, 'paper' (DIFFA-2's published decoding; the default for a released DIFFA-2 "
-                       "checkpoint); the flags below change it")  # fmt: skip
-    group.add_argument("--decode-mode", choices=sorted(PRESETS),
-                       help=f"speed mode: the preset's threshold/factor/cache/early-exit settings replace the spec's "
-                       f"(default: the spec's = {DEFAULT_MODE!r}; 'reference' = LLaDA/DIFFA-2 decoding, one token per "
-                       f"step, no cache); the flags below override it")  # fmt: skip
+                       "checkpoint); the flags below change it")
+    add_flag(group, "--decode_mode", choices=sorted(PRESETS),
+             help=f"speed mode: the preset's threshold/factor/cache/early-exit settings replace the spec's "
+             f"(default: the spec's = {DEFAULT_MODE!r}; 'reference' = LLaDA/DIFFA-2 decoding, one token per "
+             f"step, no cache); the flags below override it")
     group.add_argument("--threshold", type=float, help="commit every masked token with confidence >= this")
     group.add_argument("--factor", type=float, help="Fast-dLLM's factor rule (DIFFA-2's FPD)")
-    group.add_argument("--factor-quirk", action=argparse.BooleanOptionalAction, default=None,
-                       help="the factor rule's edge case as coded in DIFFA-2: when only the last candidate fails its "
-                       "bar, commit it too")  # fmt: skip
+    add_flag(group, "--factor_quirk", action=argparse.BooleanOptionalAction, default=None,
+             help="the factor rule's edge case as coded in DIFFA-2: when only the last candidate fails its "
+             "bar, commit it too")
     group.add_argument("--cache", choices=["none", "prefix", "dual"], help="block-wise approximate KV cache")
-    group.add_argument("--refresh-every", type=int, help="with a cache: also refresh it every N steps of a block")
-    group.add_argument("--eos-early-exit", action=argparse.BooleanOptionalAction, default=None,
-                       help="stop an answer once its text is decided (EOS, nothing masked before it)")  # fmt: skip
-    group.add_argument("--exit-on-eot", action=argparse.BooleanOptionalAction, default=None,
-                       help="the early exit also stops at an end-of-turn token (DIFFA-2's published decoding: no)")
+    add_flag(group, "--refresh_every", type=int, help="with a cache: also refresh it every N steps of a block")
+    add_flag(group, "--eos_early_exit", action=argparse.BooleanOptionalAction, default=None,
+             help="stop an answer once its text is decided (EOS, nothing masked before it)")
+    add_flag(group, "--exit_on_eot", action=argparse.BooleanOptionalAction, default=None,
+             help="the early exit also stops at an end-of-turn token (DIFFA-2's published decoding: no)")
 
 
 DECODING_FLAGS = ("gen_length", "block_length", "steps", "temperature", "cfg_scale", "remasking", "logits_eos_inf",
-                  "confidence_eos_eot_inf", *SPEED_FIELDS)  # fmt: skip
+                  "confidence_eos_eot_inf", *SPEED_FIELDS)
 
 
 def decoding_overrides(args: argparse.Namespace) -> dict:
-    """Decoding fields to set over the spec's: the --decode-mode preset's speed settings, then explicit flags."""
+    """Decoding fields to set over the spec's: the --decode_mode preset's speed settings, then explicit flags."""
     mode = DecodeConfig.preset(args.decode_mode) if args.decode_mode else None
     preset = {k: getattr(mode, k) for k in SPEED_FIELDS} if mode else {}
     return preset | {k: getattr(args, k) for k in DECODING_FLAGS if getattr(args, k) is not None}
@@ -85,16 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="decode a benchmark with a checkpoint, write predictions and reports",
                          description="Decode a benchmark with a checkpoint (resumable), write predictions in the "
-                         "official submission format, samples.jsonl, report.json/.md/.png.")  # fmt: skip
+                         "official submission format, samples.jsonl, report.json/.md/.png.")
     run.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     run.add_argument("--model", help="DIFFA-2 checkpoint folder (save_pretrained layout); default: the spec's "
-                     "(synth: runs/sft/final, written by `make train`)")  # fmt: skip
+                     "(synth: runs/sft/final, written by `make train`)")
     run.add_argument("--data", help="metadata file (MMAU JSON, MMAR JSONL, MMSU JSONL/parquet) or HF dataset id; "
-                     "default: the spec's (mmsu: ddwang2000/MMSU; synth: the corpus at data/synth)")  # fmt: skip
-    run.add_argument("--audio-root", help="folder the records' audio paths are relative to (default: the data "
-                     "file's folder)")  # fmt: skip
+                     "default: the spec's (mmsu: ddwang2000/MMSU; synth: the corpus at data/synth)")
+    add_flag(run, "--audio_root", help="folder the records' audio paths are relative to (default: the data "
+             "file's folder)")
     run.add_argument("--out", help="output folder (default: runs/eval/<benchmark>)")
-    run.add_argument("--batch-size", type=int, default=8, help="items per decoding batch (default: 8)")
+    add_flag(run, "--batch_size", type=int, default=8, help="items per decoding batch (default: 8)")
     run.add_argument("--limit", type=int, help="only the first N items")
     run.add_argument("--seed", type=int, default=0, help="base seed; each item's seed derives from it and its id")
     run.add_argument("--prompt", choices=sorted(PROMPTS), help="prompt template (default: the spec's)")
@@ -102,23 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     run.add_argument("--compat", choices=COMPAT_MODES, help="'toolkit' (batch-safe, with the toolkit's fixes) or "
                      "'reference' (DIFFA-2's released inference code, docs/reference-compat.md); default: the "
-                     "checkpoint's")  # fmt: skip
-    run.add_argument("--spec", help="benchmark spec YAML (default: eval/<benchmark>.yaml, else built-in)")
-    run.add_argument("--hf-revision", help="Hugging Face dataset revision to pin")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+                     "checkpoint's")
+    run.add_argument("--spec", help="benchmark spec YAML (default: diffa2/eval/benchmarks/<benchmark>.yaml)")
+    add_flag(run, "--hf_revision", help="Hugging Face dataset revision to pin")
+    add_flag(run, "--no_progress", action="store_true", help="no progress bar")
     add_threads_option(run)
     _add_decoding(run)
 
     score = sub.add_parser("score", help="rescore a predictions file in the official submission format",
                            description="Rescore a predictions file (ours or another toolkit's) in the benchmark's "
-                           "official submission format and print the table.")  # fmt: skip
+                           "official submission format and print the table.")
     score.add_argument("--benchmark", required=True, choices=BENCHMARKS)
     score.add_argument("--predictions", required=True, help="predictions file (.json list or .jsonl)")
     score.add_argument("--mode", choices=MODES, help="scoring mode (default: official)")
-    score.add_argument("--prediction-key", help="key holding the model's text (default: the official one, e.g. "
-                       "model_output; model_prediction is used when no record has model_output)")  # fmt: skip
+    add_flag(score, "--prediction_key", help="key holding the model's text (default: the official one, e.g. "
+             "model_output; model_prediction is used when no record has model_output)")
     score.add_argument("--out", help="write the report here (.json; .md and .png beside it)")
-    score.add_argument("--spec", help="benchmark spec YAML (default: eval/<benchmark>.yaml, else built-in)")
+    score.add_argument("--spec", help="benchmark spec YAML (default: diffa2/eval/benchmarks/<benchmark>.yaml)")
 
     prompts = sub.add_parser("prompts", help="list the prompt templates, or show one rendered",
                              description="List the prompt templates, or render one on an example item.")
@@ -136,13 +137,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--model is required for {args.benchmark}")
     if not Path(model).is_dir():
         raise ValueError(f"checkpoint folder {model!r} does not exist" +
-                         (" (train the embedded default first: make train)" if not args.model else ""))  # fmt: skip
+                         (" (train the embedded default first: make train)" if not args.model else ""))
     options = RunOptions(
         benchmark=args.benchmark, model=model, data=args.data, audio_root=args.audio_root, out=args.out,
         batch_size=args.batch_size, limit=args.limit, seed=args.seed, prompt=args.prompt, mode=args.mode,
         profile=args.profile, decoding=decoding, device=args.device, spec_file=args.spec, hf_revision=args.hf_revision,
         progress=not args.no_progress, compat=args.compat,
-    )  # fmt: skip
+    )
     run_benchmark(options)
     return 0
 

@@ -25,6 +25,7 @@ lmms_eval_mmar       lmms-eval MMAR (letter answer; the Qwen2-Audio-only suffix 
 lmms_eval_mmsu       lmms-eval MMSU (letter answer)
 kimi_evalkit         Kimi-Audio-Evalkit MQA (choices on one line)
 audiobench           AudioBench mmau_mini
+question             the question alone (what stages 1-2 train on; their end-of-stage test, --test_prompt question)
 ===================  ==========================================================================================
 
 Templates that ask for a *letter* (``answer_style == "letter"``) score near 0 under MMAU's official word-set
@@ -185,7 +186,7 @@ def _lmms_eval_mmsu(question: str, choices: Sequence[str | None]) -> str:
     return "\n".join(
         ["Listen to the audio and answer the following question.", question, *_options(choices, "{L}. {c}"),
          "Answer with the letter (A, B, C, or D) only."]
-    )  # fmt: skip
+    )
 
 
 @register_prompt("kimi_evalkit", answer_style="text", source="MoonshotAI/Kimi-Audio-Evalkit almeval/datasets/ds_mqa.py")
@@ -196,3 +197,8 @@ def _kimi_evalkit(question: str, choices: Sequence[str | None]) -> str:
 @register_prompt("audiobench", answer_style="text", source="AudioLLMs/AudioBench src/dataset_src/mmau_mini.py")
 def _audiobench(question: str, choices: Sequence[str | None]) -> str:
     return f"Question:\n{question}\nChoices:\n" + "\n".join(_options(choices, "({L}) {c}"))
+
+
+@register_prompt("question", answer_style="text", source="the toolkit's stages 1-2 (the question alone, no choices)")
+def _question(question: str, choices: Sequence[str | None]) -> str:
+    return question

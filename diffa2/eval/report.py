@@ -79,15 +79,15 @@ def build_report(result: ScoreResult, extra: dict[str, Any] | None = None) -> di
         warnings.append(f"prediction key: {result.key_note}")
     if status[NULL] and spec.rule == "mmau_wordset":
         warnings.append(f"{status[NULL]} prediction(s) are null: the official script would crash on them "
-                        f"({'left out' if result.mode != 'strict' else 'counted wrong'} here)")  # fmt: skip
+                        f"({'left out' if result.mode != 'strict' else 'counted wrong'} here)")
     if status["not_string"]:
         warnings.append(f"{status['not_string']} prediction(s) are not strings (the official script would crash)")
     for field, values in quirks["values_outside_official_set"].items():
         warnings.append(f"{field} values outside the official set (the official script raises KeyError): "
-                        f"{', '.join(f'{v!r} x{n}' for v, n in values.items())}")  # fmt: skip
+                        f"{', '.join(f'{v!r} x{n}' for v, n in values.items())}")
     if quirks["no_gold_answer"]:
         warnings.append(f"{quirks['no_gold_answer']} record(s) have no gold answer (withheld test split?): "
-                        "their accuracy is meaningless")  # fmt: skip
+                        "their accuracy is meaningless")
     report: dict[str, Any] = {
         "benchmark": spec.name,
         "spec_version": spec.version,
@@ -224,7 +224,7 @@ def chart_png(report: dict[str, Any]) -> bytes:
             ax.text(min(v + 1, 92), i, f"{v:.1f}", va="center", fontsize=7)
     o = report["overall"]
     fig.suptitle(f"{report['benchmark']} ({report['mode']}): {_pct(o['accuracy'])}% overall, n={o['total']}",
-                 fontsize=10)  # fmt: skip
+                 fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})

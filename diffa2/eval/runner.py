@@ -1,7 +1,7 @@
 """Run a DIFFA-2 checkpoint over a benchmark: prompts, batched decoding, resumable predictions, scoring, reports.
 
     python -m diffa2.eval run --benchmark synth                    # runs/sft/final on the synthetic test split
-    python -m diffa2.eval run --benchmark mmau --model CKPT --data mmau-test-mini.json --audio-root DIR
+    python -m diffa2.eval run --benchmark mmau --model CKPT --data mmau-test-mini.json --audio_root DIR
 
 Resume. Every finished item is appended to ``<out>/partial/<benchmark>-<fingerprint>.jsonl`` (flushed and
 fsynced per batch) under a key made of the item id, its prompt text and audio reference. The fingerprint covers
@@ -20,7 +20,7 @@ batch composition or order.
 Audio. Missing or unreadable audio is recorded (``audio_error`` in the predictions and no prediction key, which
 the official scripts count as they do: MMAU's and MMAR's skip the record, MMSU's counts it wrong; strict mode
 counts it wrong), named in the report's warnings, and retried by the next run of the same command. A run that finds
-not one of its audio files (a wrong ``--audio-root``) stops before loading the model. Clips longer than the model's
+not one of its audio files (a wrong ``--audio_root``) stops before loading the model. Clips longer than the model's
 window are trimmed and counted.
 
 One run per output folder: rank 0 holds a lock file naming its PID and host (``diffa2.run_lock``) while it runs;
@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,28 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffa2.audio import AudioError, decode_audio_bytes, load_audio, trim_to_window
-from diffa2.eval.loaders import (
-    DataError,
-    Item,
-    Record,
-    jsonable_record,
-    read_records_with_identity,
-    to_items,
-    validate,
-    write_predictions,
-)
+from diffa2.eval.core import decode_batch, load_items, render_prompts, resolve_data, score_entries
+from diffa2.eval.loaders import DataError, Item, write_predictions
 from diffa2.eval.prompts import get_prompt
 from diffa2.eval.report import build_report, format_table, write_report
-from diffa2.eval.scoring import normalize_prediction, score_records
-from diffa2.eval.sharding import Shard, log_paths
+from diffa2.eval.resume import append_partial, checkpoint_fingerprint, has_output, item_key, read_logs
+from diffa2.eval.sharding import Shard
 from diffa2.eval.specs import BenchmarkSpec, load_spec
 from diffa2.io import atomic_write_json, atomic_write_text
 from diffa2.run_lock import RunLock
-
-SAMPLE_CHUNK = 1 << 16  # bytes per sampled chunk of a large weight file
-SAMPLE_CHUNKS = 32
-SMALL_FILE = 8 << 20  # files up to this size are hashed whole
 
 
 @dataclass
@@ -95,82 +81,6 @@ class RunResult:
     seconds: float
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Fingerprints and seeds
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _file_digest(path: Path) -> str:
-    """SHA-256 of a small file, or of its size plus evenly spaced chunks for a large one (weights)."""
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with path.open("rb") as handle:
-        if size <= SMALL_FILE:
-            h.update(handle.read())
-        else:
-            for k in range(SAMPLE_CHUNKS):
-                handle.seek((size - SAMPLE_CHUNK) * k // (SAMPLE_CHUNKS - 1))
-                h.update(handle.read(SAMPLE_CHUNK))
-    return h.hexdigest()
-
-
-def checkpoint_fingerprint(directory: str | Path) -> str:
-    """A content fingerprint of a checkpoint folder (configs whole, weights sampled: fast on 16 GB)."""
-    root = Path(directory)
-    h = hashlib.sha256()
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and
-                                                  not any(part.startswith(".") for part in p.relative_to(root).parts))
-    for p in files:
-        h.update(f"{p.relative_to(root) if p != root else p.name}\0{_file_digest(p)}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def item_seed(seed: int, item_id: str) -> int:
-    """Per-item decoding seed: independent of batch composition and order."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\0{item_id}".encode()).digest()[:4], "big") & 0x7FFFFFFF
-
-
-def item_key(item: Item, prompt: str) -> str:
-    return hashlib.sha256(f"{item.id}\0{prompt}\0{item.audio.label}".encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The partial (append-only) predictions log
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def read_partial(path: Path) -> dict[str, dict[str, Any]]:
-    """Finished items by key; a line cut short by a crash is ignored (its item is decoded again)."""
-    done: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return done
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(entry, dict) and "key" in entry:
-                done[entry["key"]] = entry
-    return done
-
-
-def read_logs(directory: Path, stem: str) -> dict[str, dict[str, Any]]:
-    """Finished items of every log of one run identity (one process's, or each rank's of a sharded run); a
-    decoded entry wins over an audio failure of the same item (retried later, perhaps by another rank)."""
-    done: dict[str, dict[str, Any]] = {}
-    for path in log_paths(directory, stem):
-        for key, entry in read_partial(path).items():
-            if has_output(entry) or not has_output(done.get(key)):
-                done[key] = entry
-    return done
-
-
-def has_output(entry: dict[str, Any] | None) -> bool:
-    """Whether a log entry holds an answer (an entry for missing or unreadable audio does not: it is retried)."""
-    return entry is not None and "output" in entry
-
-
 def first_ids(ids: Sequence[str], shown: int = 5) -> str:
     """'a, b, c' or 'a, b, c, d, e and 7 more'."""
     more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
@@ -178,30 +88,16 @@ def first_ids(ids: Sequence[str], shown: int = 5) -> str:
 
 
 def check_audio_found(items: Sequence[Item], audio_root: Path) -> None:
-    """Refuse a run in which not one audio file exists (a wrong --audio-root, say), before the model is loaded."""
+    """Refuse a run in which not one audio file exists (a wrong --audio_root, say), before the model is loaded."""
     files = [item.audio.path for item in items if item.audio.data is None and item.audio.path is not None]
     if not files or len(files) < len(items) or any(path.exists() for path in files):
         return
     raise DataError([f"none of the {len(files)} audio files was found under {audio_root.resolve()} (the first "
-                     f"looked for: {files[0]}); check --audio-root (default: the data file's folder)"])
+                     f"looked for: {files[0]}); check --audio_root (default: the data file's folder)"])
 
 
 def shard_note(shard: Shard, owned: int) -> str:
     return "" if shard.world_size == 1 else f" ({owned} on rank {shard.rank} of {shard.world_size})"
-
-
-def append_partial(path: Path, entries: Sequence[dict[str, Any]]) -> None:
-    """Append entries durably; first terminate a line a crash may have left unfinished."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+b") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() > 0:
-            handle.seek(-1, os.SEEK_END)
-            if handle.read(1) != b"\n":
-                handle.write(b"\n")
-        handle.write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode("utf-8"))
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,27 +131,6 @@ def resolve_spec(options: RunOptions, release: str | None = None) -> BenchmarkSp
     return spec.replace(**changes) if changes else spec
 
 
-def resolve_data(spec: BenchmarkSpec, data: str | None, audio_root: str | None) -> tuple[str, Path]:
-    """The data source and the folder audio paths are relative to."""
-    source = data or spec.default_data
-    if source is None:
-        raise DataError([f"benchmark {spec.name!r} needs --data (the {spec.format} metadata file)"])
-    if source == "synth":
-        from diffa2.data.synth import DEFAULT_CORPUS_DIR, ensure_synth_corpus
-
-        source = str(ensure_synth_corpus(DEFAULT_CORPUS_DIR).test_mmau)
-    path = Path(source)
-    root = Path(audio_root) if audio_root else (path.parent if path.is_file() else path if path.is_dir() else Path("."))
-    return source, root
-
-
-def _load_wave(item: Item, where: str, window: float) -> Any:
-    """The item's clip, decoded only as far as the model's window (a 2-hour file costs a window of memory)."""
-    if item.audio.data is not None:
-        return decode_audio_bytes(item.audio.data, name=item.audio.label, where=where, max_seconds=window)
-    return load_audio(item.audio.path, where=where, max_seconds=window)
-
-
 def run_benchmark(
     options: RunOptions,
     *,
@@ -271,17 +146,13 @@ def run_benchmark(
     start = time.perf_counter()
     spec = resolve_spec(options)
     if options.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {options.batch_size}")
+        raise ValueError(f"--batch_size must be >= 1, got {options.batch_size}")
     out = Path(options.out or f"runs/eval/{spec.name}")
     shard = Shard.from_env()
 
     # Data: read, validate every record, limit.
     source, audio_root = resolve_data(spec, options.data, options.audio_root)
-    records, data_identity = read_records_with_identity(source, hf_split=spec.hf_split, hf_revision=options.hf_revision)
-    validate(records, spec, for_run=True, source=str(source))
-    if options.limit is not None:
-        records = records[: max(options.limit, 0)]
-    items = to_items(records, spec, audio_root)
+    items, data_identity = load_items(spec, source, audio_root, limit=options.limit, hf_revision=options.hf_revision)
     check_audio_found(items, audio_root)
     lock = RunLock(out, log).acquire() if shard.is_main else None  # one run per output folder
 
@@ -290,13 +161,13 @@ def run_benchmark(
         from diffa2.inference import AudioQA
 
         qa = AudioQA.from_checkpoint(options.model, device=options.device or shard.default_device(),
-                                     compat=options.compat)  # fmt: skip
+                                     compat=options.compat)
     spec = resolve_spec(options, model_release(qa.model))  # the profile depends on the model
     device_type = str(getattr(qa, "device", options.device or "cpu")).split(":")[0]
     window = float(qa.model.config.window_seconds)
     template = get_prompt(spec.prompt)
     decode = spec.decoding
-    prompts = [template(item.question, item.choices) for item in items]
+    prompts = render_prompts(spec, items)
     model_fp = checkpoint_fingerprint(options.model)
     identity = {
         "benchmark": spec.name,
@@ -319,44 +190,24 @@ def run_benchmark(
     log(f"[diffa2.eval] {spec.name}: {len(items)} items{shard_note(shard, len(mine))}, "
         f"{len(mine) - len(todo)} already done "
         f"({partial}), batch size {options.batch_size}, prompt {spec.prompt!r}, decoding profile {spec.profile!r} "
-        f"{decode.gen_length}/{decode.block_length}/{decode.steps}")  # fmt: skip
+        f"{decode.gen_length}/{decode.block_length}/{decode.steps}")
     retried = [items[i].id for i in todo if keys[i] in done]
     if retried:
         log(f"[diffa2.eval] retrying {len(retried)} item(s) whose audio was missing or unreadable before: "
-            f"{first_ids(retried)}")  # fmt: skip
+            f"{first_ids(retried)}")
 
     # Decode what is left, appending every batch as soon as it is finished.
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=spec.name, unit="item",
-               disable=not options.progress, file=sys.stderr, position=shard.rank)  # fmt: skip
+               disable=not options.progress, file=sys.stderr, position=shard.rank)
     decoded = 0
     try:
         for batch_no, lo in enumerate(range(0, len(todo), options.batch_size)):
             batch = todo[lo : lo + options.batch_size]
-            entries: dict[int, dict[str, Any]] = {}
-            waves, rows = [], []
-            for i in batch:
-                item = items[i]
-                entry = {"key": keys[i], "id": item.id, "seed": item_seed(options.seed, item.id)}
-                try:
-                    wave = _load_wave(item, item.record.where, window)
-                except AudioError as exc:
-                    missing = item.audio.path is not None and not item.audio.path.exists()
-                    entry |= {"audio_status": "missing" if missing else "unreadable", "audio_error": str(exc)}
-                    entries[i] = entry
-                    continue
-                wave, trimmed = trim_to_window(wave, window)
-                entry |= {"audio_status": "ok", "trimmed": trimmed}
-                entries[i] = entry
-                waves.append(wave)
-                rows.append(i)
-            if rows:
-                answers = qa.answer(waves, [prompts[i] for i in rows], decode,
-                                    seed=[entries[i]["seed"] for i in rows])  # fmt: skip
-                for i, text, nfe in zip(rows, answers.texts, answers.row_nfe, strict=True):
-                    entries[i] |= {"output": text, "nfe": nfe}  # the item's own NFE: independent of its batch
-                decoded += len(rows)
-            append_partial(partial, [entries[i] for i in batch])
-            done.update({keys[i]: entries[i] for i in batch})
+            outcome = decode_batch(qa, [items[i] for i in batch], [prompts[i] for i in batch], decode, options.seed)
+            entries = [{"key": keys[i]} | entry for i, entry in zip(batch, outcome, strict=True)]
+            decoded += sum(map(has_output, entries))
+            append_partial(partial, entries)
+            done.update({entry["key"]: entry for entry in entries})
             bar.update(len(batch))
             if on_batch is not None:
                 on_batch(batch_no, len(mine) - len(todo) + lo + len(batch))
@@ -394,10 +245,10 @@ def run_benchmark(
     seconds = time.perf_counter() - start
     report = json.loads(paths["report_json"].read_text(encoding="utf-8"))
     atomic_write_json(out / "timing.json", {"seconds": seconds, "decoded_this_session": decoded,
-                                            "items_per_second": decoded / seconds if seconds else None})  # fmt: skip
+                                            "items_per_second": decoded / seconds if seconds else None})
     log(format_table(report))
     log(f"[diffa2.eval] decoded {decoded} item(s) in {seconds:.1f} s; files in {out}: "
-        f"{paths['predictions'].name}, samples.jsonl, report.json, report.md, report.png")  # fmt: skip
+        f"{paths['predictions'].name}, samples.jsonl, report.json, report.md, report.png")
     lock.release()
     return RunResult(report, paths, decoded, seconds)
 
@@ -411,26 +262,8 @@ def finalize(
     run_info: dict[str, Any],
 ) -> dict[str, Path]:
     """Write the predictions file (official format), samples.jsonl and the reports."""
-    keys = (spec.prediction_key, *spec.extra_prediction_keys)
-    rows = []
-    for item, entry in zip(items, entries, strict=True):
-        row = jsonable_record(item.record.data)
-        for k in (*keys, "raw_output", "normalized_output", "audio_error"):  # from an earlier predictions file
-            row.pop(k, None)
-        if "output" in entry:
-            raw = entry["output"]
-            normalized = normalize_prediction(raw, item.record.data, spec)
-            scored = normalized if spec.mode == "normalized" else raw
-            for k in keys:
-                row[k] = scored
-            row["raw_output"] = raw
-            row["normalized_output"] = normalized
-        else:
-            row["audio_error"] = entry.get("audio_error", "no output")
-        rows.append(row)
+    rows, result = score_entries(spec, items, entries)
     pred_path = out / spec.predictions_file
-    scored_records = [Record(r, f"{pred_path.name}[{i}]", i) for i, r in enumerate(rows)]
-    result = score_records(scored_records, spec, spec.mode, spec.prediction_key)
     samples = []
     for item, prompt, entry, s in zip(items, prompts, entries, result.items, strict=True):
         samples.append({
@@ -440,7 +273,7 @@ def finalize(
             "raw_output": entry.get("output"), "scored_text": s.scored_text, "letter": s.letter,
             "answer": item.answer, "status": s.status, "counted": s.counted, "correct": s.correct,
             "well_formed": s.well_formed, "nfe": entry.get("nfe"),
-        })  # fmt: skip
+        })
     audio = [e.get("audio_status") for e in entries]
     extra = {
         "counts": {
@@ -457,10 +290,10 @@ def finalize(
         ids = first_ids([item_id for item_id, _ in failed])
         extra["warnings"] = [f"{len(failed)} item(s) had missing or unreadable audio ({ids}): no prediction "
                              f"written, {wrong} counted wrong and {len(failed) - wrong} left out of the count; "
-                             f"rerun the same command to retry them"]  # fmt: skip
+                             f"rerun the same command to retry them"]
     report = build_report(result, extra)
     write_predictions(pred_path, rows)
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     paths = write_report(report, out)
     return {"predictions": pred_path, "samples": out / "samples.jsonl", "report_json": paths["json"],
-            "report_md": paths["md"], "report_png": paths["png"]}  # fmt: skip
+            "report_md": paths["md"], "report_png": paths["png"]}

@@ -1,8 +1,8 @@
 """Benchmark specs: what data format a benchmark uses, how it is prompted, decoded and scored.
 
-One typed source of defaults (``BUILTIN_SPECS``); the YAML files in the repository's ``eval/`` folder are the
-documented recipes and load into the same dataclass (unknown keys are errors, ``include:`` merges a base file).
-A test checks that every shipped YAML equals its built-in spec, so a checkout and an installed package agree.
+The YAML files shipped in the package (``diffa2/eval/benchmarks/<name>.yaml``, package data) are the only source
+of the benchmark specs; the ``BenchmarkSpec`` dataclass is their typed schema (unknown keys are errors, missing
+optional keys take the dataclass defaults, ``include:`` merges a base file). ``load_spec(name)`` reads them.
 
 Facts (keys, breakdown axes, label sets, data versions) come from each benchmark's official repository (named in
 its spec) and DIFFA-2's evaluation settings from NKU-HLT/DIFFA, DIFFA-2/run_mm{su,au,ar}_inference.sh.
@@ -15,21 +15,22 @@ scripts, which is the default for a released DIFFA-2 checkpoint (`default_profil
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from diffa2.data.synth import ANSWER_TOKENS
 from diffa2.diffusion.decoding import DEFAULT_MODE, DecodeConfig
 
 FORMATS = ("mmau_json", "mmar_jsonl", "mmsu")
 RULES = ("mmau_wordset", "mmsu_letter")
 MODES = ("official", "strict", "normalized")
 
-# The repository's eval/ folder (present in a checkout, absent from a wheel).
-REPO_SPEC_DIR = Path(__file__).resolve().parents[2] / "eval"
+# The shipped specs: package data, so a checkout, an editable install and a wheel all read the same files.
+SPEC_DIR = Path(str(files("diffa2.eval") / "benchmarks"))
 
 
 class SpecError(ValueError):
@@ -40,7 +41,7 @@ PAPER_PROFILE = "paper"
 # DIFFA-2's inference scripts (DIFFA-2/run_mm{su,au,ar}_inference.sh) decode 16 tokens in one block of 16 steps,
 # greedy, no CFG, low-confidence remasking.
 DIFFA2_LENGTHS: dict[str, Any] = {"gen_length": 16, "block_length": 16, "steps": 16, "temperature": 0.0,
-                                  "cfg_scale": 0.0, "remasking": "low_confidence"}  # fmt: skip
+                                  "cfg_scale": 0.0, "remasking": "low_confidence"}
 
 
 def _diffa2_decoding() -> DecodeConfig:
@@ -52,10 +53,6 @@ def paper_decoding() -> DecodeConfig:
     """The `paper` profile: `--accelerate fast_dllm` of DIFFA-2's scripts (factor 1.0 with the rule's edge case as
     coded, EOS early exit, no cache) at DIFFA-2's lengths."""
     return DecodeConfig.preset("fpd", factor_quirk=True, exit_on_eot=False, **DIFFA2_LENGTHS)
-
-
-def _paper_profiles() -> dict[str, DecodeConfig]:
-    return {PAPER_PROFILE: paper_decoding()}
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,7 @@ class BenchmarkSpec:
             return self
         if name not in self.profiles:
             raise SpecError(f"spec {self.name!r} has no decoding profile {name!r}; choose one of "
-                            f"{sorted({self.profile, *self.profiles})}")  # fmt: skip
+                            f"{sorted({self.profile, *self.profiles})}")
         others = {k: v for k, v in self.profiles.items() if k != name} | {self.profile: self.decoding}
         return self.replace(decoding=self.profiles[name], profile=name, profiles=others)
 
@@ -118,84 +115,6 @@ class BenchmarkSpec:
         out["breakdown"] = list(self.breakdown)
         out["official_values"] = {k: list(v) for k, v in self.official_values.items()}
         return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Built-in specs
-# ---------------------------------------------------------------------------------------------------------------
-
-_MMAU_TASKS = ("sound", "music", "speech")
-_MMAU_DIFFICULTIES = ("easy", "medium", "hard")
-# MMAR's scorer has fixed modality and category tables (ddlBoJack/MMAR code/evaluation.py).
-_MMAR_MODALITIES = ("sound", "music", "speech", "mix-sound-music", "mix-sound-speech", "mix-music-speech",
-                    "mix-sound-music-speech")  # fmt: skip
-_MMAR_CATEGORIES = ("Signal Layer", "Perception Layer", "Semantic Layer", "Cultural Layer")
-
-BUILTIN_SPECS: dict[str, BenchmarkSpec] = {
-    "mmau": BenchmarkSpec(
-        name="mmau",
-        version=2,
-        description="MMAU test-mini (1,000 items with answers), scored with Sakshi113/MMAU evaluation.py's rule",
-        format="mmau_json",
-        data_version="MMAU-v05.15.25 (mmau-test-mini.json, Sakshi113/MMAU@f0a4a97)",
-        prompt="diffa",
-        profiles=_paper_profiles(),
-        rule="mmau_wordset",
-        prediction_key="model_output",  # read by evaluation.py since 7468292 (2025-01-29)
-        extra_prediction_keys=("model_prediction",),  # the README's key, read by older forks (e.g. DIFFA's)
-        predictions_file="predictions.json",  # evaluation.py reads a JSON list only
-        breakdown=("task", "difficulty", "sub-category", "category"),
-        official_values={"task": _MMAU_TASKS, "difficulty": _MMAU_DIFFICULTIES},
-    ),
-    "mmar": BenchmarkSpec(
-        name="mmar",
-        version=2,
-        description="MMAR (1,000 items), scored with ddlBoJack/MMAR code/evaluation.py's rule (MMAU's, unchanged)",
-        format="mmar_jsonl",
-        data_version="MMAR-meta.jsonl (ddlBoJack/MMAR@a355584, 2026-02-16)",
-        prompt="diffa",  # DIFFA-2 reuses its MMAU script and prompt on MMAR (DIFFA-2/run_mmar_inference.sh)
-        profiles=_paper_profiles(),
-        rule="mmau_wordset",
-        prediction_key="answer_prediction",
-        predictions_file="predictions.jsonl",  # the scorer picks JSON or JSONL by extension
-        breakdown=("modality", "category", "sub-category"),
-        official_values={"modality": _MMAR_MODALITIES, "category": _MMAR_CATEGORIES},
-    ),
-    "mmsu": BenchmarkSpec(
-        name="mmsu",
-        version=2,
-        description="MMSU (5,000 items), scored with dingdongwang/MMSU mmsu_evaluation.py's letter rule",
-        format="mmsu",
-        data_version="ddwang2000/MMSU split train (record the HF revision); scorer dingdongwang/MMSU@217d1d3",
-        default_data="ddwang2000/MMSU",
-        hf_split="train",
-        prompt="diffa_mmsu",
-        profiles=_paper_profiles(),
-        rule="mmsu_letter",
-        prediction_key="response",
-        predictions_file="predictions.jsonl",
-        breakdown=("category", "sub-category", "sub-sub-category"),
-    ),
-    "synth": BenchmarkSpec(
-        name="synth",
-        version=3,
-        description="the synthetic corpus's held-out test split (test_mmau.json, MMAU format), MMAU's rule",
-        format="mmau_json",
-        data_version="diffa2.data.synth test_mmau.json (format_version recorded in corpus_info.json)",
-        default_data="synth",  # build / reuse the embedded default's corpus at data/synth
-        default_model="runs/sft/final",  # what `make train` (python -m diffa2.stages.sft) writes
-        prompt="diffa",  # the same MC prompt the corpus trains with (diffa2.data.synth.format_mc_prompt)
-        rule="mmau_wordset",
-        prediction_key="model_output",
-        extra_prediction_keys=("model_prediction",),
-        predictions_file="predictions.json",
-        breakdown=("sub-category", "task", "difficulty"),
-        # The lengths the embedded default is trained and tested with (ANSWER_TOKENS; at
-        # DIFFA-2's 16 it has never seen the extra EOS positions and scores 0 % in every mode, bench/decode.py).
-        decoding=DecodeConfig.preset(DEFAULT_MODE, gen_length=ANSWER_TOKENS, block_length=ANSWER_TOKENS,
-                                     steps=ANSWER_TOKENS),
-    ),
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,35 +163,35 @@ def _decoding_from(settings: Any, base: DecodeConfig, source: str, where: str = 
         raise SpecError(f"{source}{where}: decoding: {exc}") from exc
 
 
+_REQUIRED = sorted(f.name for f in dataclasses.fields(BenchmarkSpec) if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING)
+
+
 def spec_from_dict(data: dict[str, Any], source: str = "spec") -> BenchmarkSpec:
-    """Build a spec from a mapping, rejecting unknown keys; missing keys come from the built-in spec of `name`."""
+    """Build a spec from a mapping, rejecting unknown and missing required keys; other keys default to the schema's."""
     unknown = sorted(set(data) - _FIELDS)
     if unknown:
         raise SpecError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(_FIELDS)}")
-    name = data.get("name")
-    if name not in BUILTIN_SPECS:
-        raise SpecError(f"{source}: name must be one of {sorted(BUILTIN_SPECS)} (the base spec), got {name!r}")
-    base = BUILTIN_SPECS[name]
     values = dict(data)
     if "decoding" in values:
-        values["decoding"] = _decoding_from(values["decoding"], base.decoding, source)
+        values["decoding"] = _decoding_from(values["decoding"], _diffa2_decoding(), source)
     if "profiles" in values:
         profiles = values["profiles"] or {}
         if not isinstance(profiles, dict):
             raise SpecError(f"{source}: profiles must be a mapping of name: decoding mapping")
-        values["profiles"] = {profile: _decoding_from(settings, base.profiles.get(profile, DecodeConfig()), source,
-                                                      f" profiles.{profile}")
-                              for profile, settings in profiles.items()}  # fmt: skip
+        values["profiles"] = {profile: _decoding_from(settings, DecodeConfig(), source, f" profiles.{profile}")
+                              for profile, settings in profiles.items()}
     for key in ("extra_prediction_keys", "breakdown"):
         if key in values:
             values[key] = tuple(values[key] or ())
     if "official_values" in values:
         values["official_values"] = {k: tuple(v) for k, v in (values["official_values"] or {}).items()}
+    missing = [key for key in _REQUIRED if key not in data]
+    if missing:
+        raise SpecError(f"{source}: missing required key(s) {missing} (every spec sets {_REQUIRED})")
     try:
-        return base.replace(**values)
-    except SpecError as exc:
-        raise SpecError(f"{source}: {exc}") from exc
-    except TypeError as exc:
+        return BenchmarkSpec(**values)
+    except (SpecError, TypeError) as exc:
         raise SpecError(f"{source}: {exc}") from exc
 
 
@@ -282,16 +201,20 @@ def load_spec_file(path: str | Path) -> BenchmarkSpec:
     return spec_from_dict(_read_yaml(path), source=str(path))
 
 
+@functools.cache
+def benchmark_names() -> tuple[str, ...]:
+    """The shipped benchmarks: every SPEC_DIR/<name>.yaml whose spec is named <name> (variants such as
+    mmau_r1_aqa.yaml, which include a base spec, are chosen with --spec)."""
+    return tuple(sorted(p.stem for p in SPEC_DIR.glob("*.yaml") if _read_yaml(p).get("name") == p.stem))
+
+
 def load_spec(benchmark: str, spec_file: str | Path | None = None) -> BenchmarkSpec:
-    """The spec for `benchmark`: `spec_file` if given, else the repository's eval/<benchmark>.yaml, else built-in."""
+    """The spec for `benchmark`: `spec_file` if given, else the shipped SPEC_DIR/<benchmark>.yaml."""
     if spec_file is not None:
         spec = load_spec_file(spec_file)
         if spec.name != benchmark:
             raise SpecError(f"{spec_file}: spec is for {spec.name!r}, not {benchmark!r}")
         return spec
-    if benchmark not in BUILTIN_SPECS:
-        raise SpecError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BUILTIN_SPECS)}")
-    repo_file = REPO_SPEC_DIR / f"{benchmark}.yaml"
-    if repo_file.is_file():
-        return load_spec_file(repo_file)
-    return BUILTIN_SPECS[benchmark]
+    if benchmark not in benchmark_names():
+        raise SpecError(f"unknown benchmark {benchmark!r}; choose one of {list(benchmark_names())}")
+    return load_spec_file(SPEC_DIR / f"{benchmark}.yaml")

@@ -270,7 +270,7 @@ class LLaDABackbone(nn.Module):
                 raise ValueError("a forward pass on a filled cache needs explicit position_ids")
             position_ids = positions_from_mask(attention_mask)
         out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(), position_ids=position_ids,
-                      cache=cache, use_cache=cache is not None)  # fmt: skip
+                      cache=cache, use_cache=cache is not None)
         return out.logits
 
     def new_cache(self) -> DynamicCache:

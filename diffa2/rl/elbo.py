@@ -18,8 +18,11 @@ The masked-token ELBO of LLaDA (Nie et al., arXiv:2502.09992), in its t-weighted
 (VRPO, Zhu et al., arXiv:2505.19223):
 
     B̂(y) = (1/n_t) Σ_j (1/n_yt) Σ_k  w_j · Σ_i 1[y_i masked in draw (j, k)] · log p(y_i | y_masked, x)
-    form "t": t_j ~ U[0, 1), p_j = (1 − eps)·t_j + eps, each answer token masked w.p. p_j,  w_j = 1/p_j
-    form "l": l_j ~ U{1..L}, exactly l_j of the L answer tokens masked (uniformly),         w_j = L/l_j
+    form "ratio": t_j ~ U[0, 1), p_j = (1 − eps)·t_j + eps, each answer token masked w.p. p_j,  w_j = 1/p_j
+    form "count": l_j ~ U{1..L}, exactly l_j of the L answer tokens masked (uniformly),         w_j = L/l_j
+
+The two forms carry the names of `diffa2.diffusion.masking`'s training loss (`MaskingForm`, defined here so that
+this package imports nothing else from diffa2); the letters "t" and "l" of the papers are accepted for them.
 
 Budget n = n_t · n_yt; optimal allocation is n_yt = 1 (one mask per timestep); antithetic sampling shares the
 draws between policy and reference on the same response (`paired_elbo`).
@@ -35,7 +38,9 @@ import torch
 
 from .registry import Registry
 
-ElboForm = Literal["t", "l"]
+MaskingForm = Literal["ratio", "count"]
+MASKING_FORMS: tuple[MaskingForm, ...] = ("ratio", "count")
+FORM_ALIASES: dict[str, MaskingForm] = {"t": "ratio", "l": "count"}  # the papers' letters: ratio t, count l
 # fn(masked (B, L) bool, prompt_masked (B, P) bool | None) -> log-probs of the true answer tokens (B, L), one draw
 TokenLogprobFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 # fn(masked (n, B, L) bool, prompt_masked (n, B, P) bool | None) -> log-probs (n, B, L), every draw in one call
@@ -88,6 +93,14 @@ def register_likelihood_estimator(name: str) -> Callable[[type], type]:
 get_likelihood_estimator = LIKELIHOOD_ESTIMATORS.get
 
 
+def masking_form(form: str) -> MaskingForm:
+    """`form` as a `MaskingForm`: 'ratio' or 'count', or their aliases 't' and 'l'; else a ValueError."""
+    canonical = FORM_ALIASES.get(form, form)
+    if canonical not in MASKING_FORMS:
+        raise ValueError(f"unknown masking form {form!r}; valid forms: ratio, count (aliases: t = ratio, l = count)")
+    return canonical
+
+
 def exactly_k_masks(answer_mask: torch.Tensor, counts: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Masks `(n, B, L)` with exactly `counts (n, B)` answer tokens each, chosen uniformly without replacement."""
     scores = torch.rand(counts.shape + answer_mask.shape[-1:], generator=generator, device=answer_mask.device)
@@ -101,19 +114,20 @@ def sample_elbo_draws(
     *,
     n_t: int,
     n_yt: int = 1,
-    form: ElboForm = "t",
+    form: MaskingForm = "ratio",
     eps: float = 1e-3,
     stratified: bool = False,
     generator: torch.Generator | None = None,
 ) -> ElboDraws:
     """Draw `n_t` timesteps per response and `n_yt` masks per timestep for the ELBO of `answer_mask (B, L)`.
 
-    `stratified` spreads each response's n_t timesteps (form "t") or mask counts (form "l") evenly from one random
-    offset, as LLaDA's `forward_process` does for its likelihood evaluation; every draw stays marginally uniform,
+    `stratified` spreads each response's n_t timesteps (form "ratio") or mask counts (form "count") evenly from one
+    random offset, as LLaDA's `forward_process` does for its likelihood evaluation; every draw stays marginally uniform,
     so the estimator stays unbiased. `generator` must live on `answer_mask`'s device.
     """
     if n_t < 1 or n_yt < 1:
         raise ValueError(f"n_t and n_yt must be >= 1, got {n_t}, {n_yt}")
+    form = masking_form(form)
     answer_mask = answer_mask.bool()
     batch, device = answer_mask.shape[0], answer_mask.device
     steps = torch.arange(n_t, device=device)[:, None]  # (n_t, 1)
@@ -121,12 +135,12 @@ def sample_elbo_draws(
         u = (torch.rand(1, batch, generator=generator, device=device) + steps / n_t) % 1.0  # (n_t, B)
     else:
         u = torch.rand(n_t, batch, generator=generator, device=device)
-    if form == "t":
+    if form == "ratio":
         p_mask = ((1.0 - eps) * u + eps).repeat_interleave(n_yt, dim=0)  # (n, B)
         draws = torch.rand(p_mask.shape + answer_mask.shape[-1:], generator=generator, device=device)
         masks = (draws < p_mask[..., None]) & answer_mask
         weights = 1.0 / p_mask
-    elif form == "l":
+    else:  # count
         length = answer_mask.sum(-1)  # (B,)
         if stratified:  # one uniform count k0, then shifts of floor(j·L/n_t), wrapped into 1..L
             first = (u[:1] * length).long()  # (1, B), k0 − 1
@@ -136,8 +150,6 @@ def sample_elbo_draws(
         counts = torch.minimum(counts, length).repeat_interleave(n_yt, dim=0)  # 0 for an empty answer
         masks = exactly_k_masks(answer_mask, counts, generator)
         weights = torch.where(counts > 0, length / counts.clamp_min(1), torch.zeros_like(counts, dtype=torch.float))
-    else:
-        raise ValueError(f"unknown ELBO form {form!r}; valid forms: l, t")
     return ElboDraws(masks, weights.float(), answer_mask, n_t, n_yt)
 
 
@@ -164,14 +176,17 @@ class ElboEstimator:
     """LLaDA's masked-token ELBO with budget n = n_t · n_yt.
 
     Defaults: VRPO's optimal allocation (n_yt = 1) with budget 8 as given in `docs/objectives.md` §6.1 (unconfirmed
-    there; this project's issue 5 gives 4 for the stage), form "t", and this repository's mask floor eps = 1e-3.
+    there; this project's issue 5 gives 4 for the stage), form "ratio", and this repository's mask floor eps = 1e-3.
     """
 
     n_t: int = 8
     n_yt: int = 1
-    form: ElboForm = "t"
-    eps: float = 1e-3  # p = (1 − eps) t + eps keeps the 1/p weight finite (form "t" only)
+    form: MaskingForm = "ratio"  # or "count"; "t" / "l" are stored as these
+    eps: float = 1e-3  # p = (1 − eps) t + eps keeps the 1/p weight finite (form "ratio" only)
     stratified: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "form", masking_form(self.form))
 
     @property
     def budget(self) -> int:

@@ -24,9 +24,11 @@ class ModelArguments:
         default=None, metadata={"help": "real preset: HF Whisper directory or OpenAI .pt (e.g. whisper-large-v3)"}
     )
     llada_path: str | None = field(default=None, metadata={"help": "real preset: LLaDA-8B-Instruct directory"})
-    init_from: str | None = field(
+    model: str | None = field(
         default="auto",
-        metadata={"help": "checkpoint of the previous stage; 'auto' = runs/<previous stage>/final if it exists"},
+        metadata={"help": "the checkpoint to start from; 'auto' = the previous stage's, runs/<previous stage>/final, "
+                          "if it exists; 'none' = build from --preset",
+                  "aliases": ["--init_from", "--init-from"]},
     )
     speech_path: int = field(default=2, metadata={"help": "1: prompt embeddings + semantic; 2: acoustic + semantic"})
     lora: bool = field(default=False, metadata={"help": "add LoRA to the backbone (stages 3-4)"})
@@ -113,7 +115,11 @@ class EvalArguments:
     eval_batch_size: int = 32
     gen_length: int = ANSWER_TOKENS
     block_length: int = ANSWER_TOKENS
-    decode_steps: int = ANSWER_TOKENS
+    steps: int = field(
+        default=ANSWER_TOKENS,
+        metadata={"help": "decoding steps of the end-of-stage evaluation (training steps: --max_steps)",
+                  "aliases": ["--decode_steps", "--decode-steps"]},
+    )
 
 
 @dataclass

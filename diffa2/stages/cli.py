@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,11 @@ from diffa2.threads import ThreadArguments, apply_threads
 from diffa2.validation import OptionError, check_options
 
 SFT_ARG_TYPES = (ModelArguments, DataArguments, EvalArguments, StageTrainingArguments)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageDefaults:
+    """A stage's embedded defaults: subclassed per stage, each field an option of its parser with the stage's value."""
 
 
 def parse_stage_options(arg_types: tuple[type, ...], argv: list[str] | None, description: str,
@@ -40,12 +46,12 @@ def start_stage(arg_types: tuple[type, ...], argv: list[str] | None, description
     return tuple(parsed)
 
 
-def stage_overrides(stage: str, defaults: dict[str, Any], argv: list[str] | None) -> dict[str, Any]:
+def stage_overrides(stage: str, defaults: StageDefaults, argv: list[str] | None) -> dict[str, Any]:
     """What `--config` and flags override: the stage's embedded defaults, then with `--preset real` its real recipe."""
-    return {"output_dir": f"runs/{stage}", **defaults, **preset_options(stage, argv)}
+    return {"output_dir": f"runs/{stage}", **dataclasses.asdict(defaults), **preset_options(stage, argv)}
 
 
-def stage_main(spec: StageSpec, description: str, defaults: dict[str, Any], argv: list[str] | None = None) -> dict:
+def stage_main(spec: StageSpec, description: str, defaults: StageDefaults, argv: list[str] | None = None) -> dict:
     """Parse `--config`/flags over the stage's defaults and run the stage."""
     args = start_stage(SFT_ARG_TYPES, argv, description, stage_overrides(spec.name, defaults, argv))
     with refusals_end_the_command():

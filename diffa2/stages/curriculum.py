@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transformers.hf_argparser import string_to_bool
 
+from diffa2.cli_flags import add_flag
 from diffa2.run_lock import RunDirError, check_fresh_run
 from diffa2.stages import acoustic, semantic, sft, vrpo
 
@@ -25,7 +26,7 @@ STAGE_OPTIONS = {"sft": ["--max_steps", "1600"]}
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs_dir", default="runs", help="each stage writes to RUNS_DIR/<stage>")
+    add_flag(parser, "--runs_dir", default="runs", help="each stage writes to RUNS_DIR/<stage>")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {list(STAGES)}")
     parser.add_argument("stage_args", nargs=argparse.REMAINDER, help="options passed to every stage (after --)")
     args = parser.parse_args(argv)
@@ -58,7 +59,7 @@ def refuse_clobbering(parser: argparse.ArgumentParser, passthrough: list[str], r
     """Check every stage's folder before the first stage starts, not only when a later stage reaches it."""
     flags = argparse.ArgumentParser(add_help=False)
     flags.add_argument("--resume", type=string_to_bool, default=False)
-    flags.add_argument("--overwrite_output_dir", type=string_to_bool, default=False)
+    add_flag(flags, "--overwrite_output_dir", type=string_to_bool, default=False)
     known, _ = flags.parse_known_args(passthrough)
     if known.overwrite_output_dir:
         return  # each stage deletes its own folder's earlier run when it starts

@@ -1,19 +1,17 @@
-"""End-of-stage evaluation on the synthetic corpus: multiple-choice accuracy next to chance, and WER for ASR."""
+"""End-of-stage evaluation on the synthetic corpus: multiple-choice accuracy next to chance (the eval runner's core,
+`diffa2.eval.core.evaluate`, with the `synth` spec), and WER for ASR."""
 
 from __future__ import annotations
 
-import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Literal, get_args
 
 import jiwer
 from tqdm import tqdm
 
-from diffa2.audio import load_audio, trim_to_window
-from diffa2.data.synth import format_mc_prompt
 from diffa2.diffusion.decoding import DecodeConfig
-from diffa2.eval.scoring import wordset_match
+from diffa2.eval.core import evaluate, load_items
+from diffa2.eval.specs import load_spec
 from diffa2.inference import AudioQA
 
 
@@ -24,9 +22,11 @@ def _batches(items: list, size: int):
 
 TestPrompt = Literal["choices", "question"]  # MMAU's prompt with the lettered choices, or the question alone
 TEST_PROMPTS: tuple[str, ...] = get_args(TestPrompt)
+# The prompt template (diffa2.eval.prompts) of each: the synth spec's "diffa" (= the corpus's format_mc_prompt).
+TEST_PROMPT_TEMPLATES = {"choices": "diffa", "question": "question"}
 
 
-def evaluate_multiple_choice(
+def evaluate_test_split(
     qa: AudioQA,
     test_file: str | Path,
     decode: DecodeConfig,
@@ -35,37 +35,25 @@ def evaluate_multiple_choice(
     batch_size: int = 32,
     prompt: TestPrompt = "choices",
 ) -> dict:
-    """Decode every MMAU-format item and score it with MMAU's official rule; accuracy overall and per sub-category.
+    """The `synth` benchmark on an MMAU-format test file with `decode`: accuracy and chance overall and per
+    sub-category (`per_kind`), as `python -m diffa2.eval run --benchmark synth` scores it.
 
     `prompt`: "choices" asks with MMAU's prompt (question and lettered choices), "question" with the question alone
     (what stages 1-2 train on); the answer is scored against the choices either way.
     """
     if prompt not in TEST_PROMPTS:
         raise ValueError(f"test prompt {prompt!r}: expected one of {TEST_PROMPTS}")
+    spec = load_spec("synth").replace(prompt=TEST_PROMPT_TEMPLATES[prompt])
     test_file = Path(test_file)
-    records = json.loads(test_file.read_text())[:limit]
-    per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    chance = defaultdict(float)
-    window = qa.model.config.window_seconds
-    for batch in tqdm(list(_batches(records, batch_size)), desc="test", unit="batch", leave=False):
-        waves = [trim_to_window(load_audio(test_file.parent / r["audio_id"]), window)[0] for r in batch]
-        prompts = [format_mc_prompt(r["question"], r["choices"]) if prompt == "choices" else r["question"]
-                   for r in batch]
-        answers = qa.answer(waves, prompts, decode)
-        for record, text in zip(batch, answers.texts, strict=True):
-            kind = record["sub-category"]
-            per_kind[kind][0] += wordset_match(text, record["answer"], record["choices"])
-            per_kind[kind][1] += 1
-            chance[kind] += 1 / len(set(record["choices"]))
-    correct = sum(c for c, _ in per_kind.values())
-    total = sum(t for _, t in per_kind.values())
+    items, _ = load_items(spec, test_file, test_file.parent, limit=limit)
+    summary = evaluate(qa, spec, items, decoding=decode, batch_size=batch_size, progress="test").summary
     return {
         "prompt": prompt,
-        "accuracy": 100 * correct / max(total, 1),
-        "chance": 100 * sum(chance.values()) / max(total, 1),
-        "total": total,
-        "per_kind": {k: {"accuracy": 100 * c / t, "chance": 100 * chance[k] / t, "total": t}
-                     for k, (c, t) in sorted(per_kind.items())},
+        "accuracy": summary["accuracy"],
+        "chance": summary["chance"],
+        "total": summary["total"],
+        "per_kind": {kind: {k: cell[k] for k in ("accuracy", "chance", "total")}
+                     for kind, cell in summary["breakdown"]["sub-category"].items()},
     }
 
 

@@ -37,7 +37,7 @@ from diffa2.run_lock import RunLock, check_fresh_run
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
 from diffa2.stages.checkpoints import last_complete_checkpoint
 from diffa2.stages.distributed import full_state_dict
-from diffa2.stages.evaluate import evaluate_multiple_choice, evaluate_transcription
+from diffa2.stages.evaluate import evaluate_test_split, evaluate_transcription
 from diffa2.stages.guards import check_output_dir, estimate_run_bytes, skipped_steps
 from diffa2.stages.plots import plot_loss_curve
 from diffa2.stages.real_recipe import check_full_training
@@ -68,10 +68,10 @@ def resolve_path(path: str) -> Path:
 
 
 def previous_checkpoint(model_args: ModelArguments, spec: StageSpec, output_dir: Path) -> Path | None:
-    if model_args.init_from is None or model_args.init_from == "none":
+    if model_args.model is None or model_args.model == "none":
         return None
-    if model_args.init_from != "auto":
-        return Path(model_args.init_from)
+    if model_args.model != "auto":
+        return Path(model_args.model)
     if spec.previous is None:
         return None
     candidate = output_dir.parent / spec.previous / "final"
@@ -81,7 +81,7 @@ def previous_checkpoint(model_args: ModelArguments, spec: StageSpec, output_dir:
         raise FileNotFoundError(
             f"{spec.name} starts from the {spec.previous} stage's checkpoint, but {candidate} holds none: run "
             f"`python -m diffa2.stages.{spec.previous} --output_dir {output_dir.parent / spec.previous}` first, "
-            f"or pass --init_from PATH"
+            f"or pass --model PATH"
         )
     return None
 
@@ -244,7 +244,7 @@ class StageRun:
             self.log(f"ASR warm-up: {steps} steps of transcription into {warm_dir}")
             summary = semantic.main(self.warmup_argv(warm_dir, steps))
             self.summary["asr_warmup"] = {k: summary.get(k) for k in ("steps", "validation_wer", "total_seconds")}
-        self.model_args.init_from = str(warm_dir / "final")
+        self.model_args.model = str(warm_dir / "final")
 
     def warmup_argv(self, warm_dir: Path, steps: int) -> list[str]:
         """The stage-1 command line of the warm-up: this run's corpus, model sizes, seed and threads."""
@@ -256,7 +256,7 @@ class StageRun:
                    "per_device_train_batch_size": t.per_device_train_batch_size, "eval_limit": e.eval_limit,
                    "report_to": "none", "disable_tqdm": t.disable_tqdm, "threads": torch.get_num_threads(),
                    # this run owns the folder: a fresh run replaces an earlier warm-up, a resumed one continues it
-                   "resume": t.resume, "overwrite_output_dir": not t.resume}  # fmt: skip
+                   "resume": t.resume, "overwrite_output_dir": not t.resume}
         return [arg for key, value in options.items() if value is not None for arg in (f"--{key}", str(value))]
 
     def claim_output_dir(self) -> None:
@@ -341,14 +341,14 @@ class StageRun:
 
     def decode_config(self) -> DecodeConfig:
         args = self.eval_args
-        return DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.decode_steps)
+        return DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps)
 
     def test_accuracy(self) -> dict:
         """Multiple-choice accuracy of the current model on `--test_file`, next to chance."""
         self.model.eval()
         args = self.eval_args
         test_file = Path(args.test_file.replace("{synth}", str(self.synth_dir)))
-        return evaluate_multiple_choice(
+        return evaluate_test_split(
             self.qa, test_file, self.decode_config(), limit=args.eval_limit, batch_size=args.eval_batch_size,
             prompt=args.test_prompt,
         )

@@ -32,10 +32,15 @@ LORA = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
 # LLaDA's SFT loss as DIFFA-2 codes it (docs/recipes.md), on a canvas padded to the batch's longest answer.
 SFT_LOSS = {"answer_canvas": "batch", "masking_form": "ratio", "stop_token_loss_weight": 1.0, "loss_reduction": "batch"}
 # VRPO (train_vrpo.py): beta 0.2; 4 Monte-Carlo timesteps x 1 mask; the k-token ELBO; antithetic sampling.
-VRPO = {"answer_canvas": "batch", "beta": 0.2, "n_t": 4, "n_yt": 1, "elbo_form": "l", "antithetic": True,
-        "pref_eval_limit": 200}  # fmt: skip
+VRPO = {"answer_canvas": "batch", "beta": 0.2, "n_t": 4, "n_yt": 1, "elbo_form": "count", "antithetic": True,
+        "pref_eval_limit": 200}
+# RL (stage 5, no DIFFA-2 counterpart): d1-style diffu-GRPO on the stage-3 QA items with MC rewards; 8 answers per
+# prompt at temperature 0.9, GRPO loss and advantages, k3 KL at 0.04, 2 updates per rollout batch; MMAU-length answers.
+RL = {"group_size": 8, "rollout_temperature": 0.9, "likelihood": "d1_one_step", "advantage": "grpo",
+      "policy_loss": "grpo", "kl": "k3", "kl_coef": 0.04, "ppo_epochs": 2, "gen_length": 32, "block_length": 32,
+      "steps": 32}
 SCHEDULE = {"gradient_accumulation_steps": 1, "warmup_steps": 1000, "weight_decay": 0.05, "max_grad_norm": 1.0,
-            "max_steps": -1, "seed": 42, "bf16": True, "save_strategy": "epoch", "logging_steps": 50}  # fmt: skip
+            "max_steps": -1, "seed": 42, "bf16": True, "save_strategy": "epoch", "logging_steps": 50}
 
 
 @dataclass(frozen=True)
@@ -51,17 +56,18 @@ class RealRecipe:
     lr_scheduler_type: str = "cosine"
     num_train_epochs: int = 10
     vrpo: bool = False
+    rl: bool = False
 
     def options(self) -> dict[str, Any]:
         """Every option of the stage's real recipe, by option name (the keys of stages/<stage>.yaml)."""
-        model = {"preset": "real", "init_from": "auto", "speech_path": self.speech_path, "lora": self.lora,
-                 **(LORA if self.lora else {}), **FROZEN_BASES, **SYSTEM_PROMPTS}  # fmt: skip
-        data = {"recipe": self.recipe, **(VRPO if self.vrpo else SFT_LOSS), "feature_cache_items": 0,
-                "test_file": None}  # fmt: skip
+        model = {"preset": "real", "model": "auto", "speech_path": self.speech_path, "lora": self.lora,
+                 **(LORA if self.lora else {}), **FROZEN_BASES, **SYSTEM_PROMPTS}
+        objective = VRPO if self.vrpo else RL if self.rl else SFT_LOSS
+        data = {"recipe": self.recipe, **objective, "feature_cache_items": 0, "test_file": None}
         training = {"output_dir": f"runs/real/{self.stage}",
                     "per_device_train_batch_size": self.per_device_train_batch_size,
                     "learning_rate": self.learning_rate, "lr_scheduler_type": self.lr_scheduler_type,
-                    "num_train_epochs": self.num_train_epochs, **SCHEDULE}  # fmt: skip
+                    "num_train_epochs": self.num_train_epochs, **SCHEDULE}
         return {**model, **data, **training}
 
 
@@ -72,6 +78,9 @@ REAL_RECIPES: dict[str, RealRecipe] = {
     "sft": RealRecipe("sft", "data_recipes/diffa2_stage3.yaml", lora=True),
     "vrpo": RealRecipe("vrpo", "data_recipes/diffa2_stage4.yaml", lora=True, per_device_train_batch_size=1,
                        vrpo=True),  # x 16 GPUs (2 nodes x 8) = global batch 16 pairs
+    "rl": RealRecipe("rl", "data_recipes/diffa2_stage3.yaml", lora=True, per_device_train_batch_size=1,
+                     learning_rate=3e-6, lr_scheduler_type="constant", num_train_epochs=1,
+                     rl=True),  # 1 prompt x 8 answers per GPU
 }
 
 
@@ -95,9 +104,9 @@ def check_full_training(model: DIFFA2Model, allowed: bool) -> None:
     """Refuse to train a pretrained base (Whisper, LLaDA) in full unless `allowed`: DIFFA-2 keeps both frozen."""
     config = model.config
     parts = {"encoder": (model.encoder, config.encoder_trainable, config.encoder_source),
-             "backbone": (model.backbone, config.backbone_trainable, config.backbone_source)}  # fmt: skip
+             "backbone": (model.backbone, config.backbone_trainable, config.backbone_source)}
     full = {name: sum(p.numel() for p in module.parameters())
-            for name, (module, trainable, source) in parts.items() if trainable and source is not None}  # fmt: skip
+            for name, (module, trainable, source) in parts.items() if trainable and source is not None}
     if full and not allowed:
         total = sum(p.numel() for p in model.parameters())
         listed = " and ".join(f"the {name} ({count / 1e9:.2f} B parameters)" for name, count in full.items())

@@ -15,6 +15,7 @@ from transformers import Trainer
 from diffa2.chat import ChatFormat
 from diffa2.data.collate import SFTBatch, SFTCollator
 from diffa2.data.dataset import AudioInstructionDataset
+from diffa2.data.sampling import EpochSeededLengthGroupedSampler, prompt_lengths
 from diffa2.diffusion.objective import sft_loss
 from diffa2.modeling.checkpoint import WEIGHTS_NAME, load_stored_tensors
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
@@ -92,6 +93,20 @@ class DIFFA2Trainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.nonfinite.note_loss(loss)  # the guard drops this step's update if any loss or gradient is not finite
         return loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Trainer's sampler, except `--train_sampling_strategy group_by_length`, which groups items by prompt length
+        (Trainer cannot read lengths from an audio dataset) with a shuffle seeded per epoch, so resuming is exact."""
+        strategy = self.args.train_sampling_strategy
+        if strategy not in ("group_by_length", "batch_rebalance"):
+            return super()._get_train_sampler(train_dataset)
+        if strategy == "batch_rebalance":
+            raise ValueError("--train_sampling_strategy batch_rebalance is not supported by the audio datasets; "
+                             "use group_by_length or random")
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochSeededLengthGroupedSampler(batch, prompt_lengths(dataset.items, self.chat), seed)
 
     def _get_output_dir(self, trial) -> str:
         return str(self._staging_dir) if self._staging_dir is not None else super()._get_output_dir(trial)

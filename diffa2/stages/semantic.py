@@ -9,13 +9,27 @@ Real DIFFA-2 recipe (LibriSpeech-style ASR data; frozen Whisper-large-v3 and LLa
 
 from __future__ import annotations
 
-from diffa2.stages.cli import stage_main
+from dataclasses import dataclass
+
+from diffa2.stages.cli import StageDefaults, stage_main
 from diffa2.stages.runner import StageSpec
 
 SPEC = StageSpec(name="semantic", previous=None, asr_eval=True)
+
+
 # 800 steps reach 0 % validation WER, this stage's measure. No multiple-choice test: a model that has only learned
 # to transcribe for one instruction answers none of the test's questions (0 % asked either way, docs/experiment-log.md).
-DEFAULTS = {"recipe": "data_recipes/synth_semantic.yaml", "speech_path": 1, "max_steps": 800, "test_file": ""}
+@dataclass(frozen=True)
+class SemanticDefaults(StageDefaults):
+    """Stage 1's embedded defaults (`--config` and flags override them)."""
+
+    recipe: str = "data_recipes/synth_semantic.yaml"
+    speech_path: int = 1
+    max_steps: int = 800
+    test_file: str | None = ""
+
+
+DEFAULTS = SemanticDefaults()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -10,14 +10,27 @@ Real DIFFA-2 recipe (frozen Whisper-large-v3 and LLaDA-8B-Instruct, LoRA r=8, fr
 
 from __future__ import annotations
 
-from diffa2.stages.cli import stage_main
+from dataclasses import dataclass
+
+from diffa2.stages.cli import StageDefaults, stage_main
 from diffa2.stages.runner import StageSpec
 
 SPEC = StageSpec(name="sft", previous="acoustic")
+
+
 # The embedded default first learns to transcribe (800 steps of stage 1, 0 % WER), then trains 1200 SFT steps:
 # 95.6 % on the synthetic test split against 79-80 % for 1600 SFT steps from scratch (docs/experiment-log.md).
 # After stages 1-2 (the curriculum) the warm-up is skipped: the stage starts from their checkpoint.
-DEFAULTS = {"recipe": "data_recipes/synth_sft.yaml", "asr_warmup_steps": 800, "max_steps": 1200}
+@dataclass(frozen=True)
+class SFTDefaults(StageDefaults):
+    """Stage 3's embedded defaults (`--config` and flags override them)."""
+
+    recipe: str = "data_recipes/synth_sft.yaml"
+    asr_warmup_steps: int = 800
+    max_steps: int = 1200
+
+
+DEFAULTS = SFTDefaults()
 
 
 def main(argv: list[str] | None = None) -> dict:

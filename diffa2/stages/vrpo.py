@@ -37,9 +37,17 @@ from diffa2.data.collate import PairBatch, PairCollator, PairExample
 from diffa2.data.dataset import PreferenceDataset
 from diffa2.data.recipe import load_split
 from diffa2.modeling.model import DIFFA2Model
-from diffa2.rl import ElboEstimator, ElboPair, VRPOConfig, get_likelihood_estimator, get_preference_loss, paired_elbo
+from diffa2.rl import (
+    ElboEstimator,
+    ElboPair,
+    VRPOConfig,
+    get_likelihood_estimator,
+    get_preference_loss,
+    masking_form,
+    paired_elbo,
+)
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
-from diffa2.stages.cli import refusals_end_the_command, stage_overrides, start_stage
+from diffa2.stages.cli import StageDefaults, refusals_end_the_command, stage_overrides, start_stage
 from diffa2.stages.lifecycle import StageRun, StageSpec, previous_checkpoint
 from diffa2.stages.reference_models import Reference, make_reference
 from diffa2.stages.runner import DIFFA2Trainer
@@ -54,8 +62,9 @@ class VRPOArguments:
     beta: float = field(default=VRPOConfig.beta, metadata={"help": "β of the DPO loss on ELBO estimates"})
     n_t: int = field(default=4, metadata={"help": "Monte-Carlo timesteps per answer (budget n = n_t x n_yt)"})
     n_yt: int = field(default=1, metadata={"help": "masks per timestep; 1 is VRPO's optimal allocation"})
-    elbo_form: str = field(default="l", metadata={"help": "l: exactly k of L tokens masked, weight L/k (DIFFA-2); "
-                                                          "t: each token masked w.p. t, weight 1/t"})
+    elbo_form: str = field(default="count", metadata={"help": "count: exactly k of L tokens masked, weight L/k "
+                                                              "(DIFFA-2); ratio: each token masked w.p. t, weight 1/t "
+                                                              "(as --masking_form; aliases l = count, t = ratio)"})
     antithetic: bool = field(default=True, metadata={"help": "policy and reference score the same masked answers"})
     pref_eval_samples: int = field(
         default=16, metadata={"help": "ELBO samples per answer for the before/after preference accuracy"}
@@ -64,8 +73,10 @@ class VRPOArguments:
     pref_eval_batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.elbo_form not in ("l", "t"):
-            raise ValueError(f"elbo_form must be 'l' or 't', got {self.elbo_form!r}")
+        try:
+            self.elbo_form = masking_form(self.elbo_form)
+        except ValueError as err:
+            raise ValueError(f"--elbo_form: {err}") from None
 
     def estimator(self) -> ElboEstimator:
         """The training estimator: n_t timesteps x n_yt masks per answer."""
@@ -233,18 +244,25 @@ def evaluate_preferences(
 
 
 SPEC = StageSpec(name="vrpo", previous="sft", requires_previous=True, objective="VRPO loss")
+
+
 # The embedded default: 100 steps of 4 pairs (400 of the 1000 synthetic pairs); lr 2e-5 keeps the policy near the
 # reference. On the SFT default (62.2 %) lr 1e-4 made the ELBOs of both answers fall and broke decoding (test
 # accuracy 9.7 %); 2e-5 kept it (61.1 %) while the ELBO margin grew 2.37 -> 3.08 (docs/experiment-log.md).
-DEFAULTS = {
-    "recipe": "data_recipes/synth_vrpo.yaml",
-    "max_steps": 100,
-    "per_device_train_batch_size": 4,
-    "learning_rate": 2e-5,
-    "warmup_steps": 0.1,
-    "logging_steps": 5,
-    "save_steps": 50,
-}
+@dataclass(frozen=True)
+class VRPODefaults(StageDefaults):
+    """Stage 4's embedded defaults (`--config` and flags override them)."""
+
+    recipe: str = "data_recipes/synth_vrpo.yaml"
+    max_steps: int = 100
+    per_device_train_batch_size: int = 4
+    learning_rate: float = 2e-5
+    warmup_steps: float = 0.1
+    logging_steps: int = 5
+    save_steps: int = 50
+
+
+DEFAULTS = VRPODefaults()
 ARG_TYPES = (ModelArguments, DataArguments, EvalArguments, VRPOArguments, StageTrainingArguments)
 
 

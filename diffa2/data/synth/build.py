@@ -1,11 +1,22 @@
 """Building the synthetic corpus on disk (WAVs, manifests, tokenizer, info) and its completion marker, so that
-callers reuse a finished build and concurrent builders serialise on a lock."""
+callers reuse a finished build and concurrent builders serialise on a lock.
+
+A build is written into a staging folder inside the corpus folder (`.build.partial-staging`), moved into place once
+generated, and completed by the marker, written last. A build killed at any moment (kill -9 included) leaves no
+marker, so neither `is_complete` nor `--if_missing` takes what it left for a corpus; its half-written files (and the
+temporary files of interrupted atomic writes) are all in the staging folder, which the next build removes; and its
+lock is an flock, which the kernel releases when the holder dies, so the lock file it leaves blocks nobody.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,7 +54,7 @@ from diffa2.data.synth.questions import (
 )
 from diffa2.data.synth.render import _SPLIT_CODE, Clip, _make_clip
 from diffa2.data.tokenizer import ASR_INSTRUCTION, build_tokenizer
-from diffa2.io import atomic_write_text
+from diffa2.io import atomic_write_text, staging_path
 
 # ----------------------------------------------------------------------------------------------------------
 # Sizes and the corpus handle
@@ -102,7 +113,7 @@ class SynthCorpus:
         root = Path(root)
         manifests = {f"{s}/{sp}": root / f"{s}_{sp}.json" for s in STAGES for sp in SPLITS}
         return cls(root, seed, size, manifests, root / "test_mmau.json", root / "corpus_info.json",
-                   root / "tokenizer")  # fmt: skip
+                   root / "tokenizer")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,6 +152,27 @@ def _resolve_sizes(size: str, sizes: SynthSizes | None) -> SynthSizes:
     return SIZES[size]
 
 
+_held = threading.local()  # the corpus folders whose build lock this thread holds (the lock is re-entrant)
+
+
+@contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    """Hold the build lock of the corpus folder `root`, waiting for another builder; re-entrant in one thread."""
+    held = _held.__dict__.setdefault("roots", set())
+    key = root.resolve()
+    if key in held:
+        yield
+        return
+    with open(root / LOCK_FILE, "a+") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed, or by the kernel if the holder dies
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+
+
 def build_synth_corpus(
     out_dir: str | Path = DEFAULT_CORPUS_DIR,
     seed: int = 0,
@@ -151,18 +183,38 @@ def build_synth_corpus(
     """Generate the corpus into ``out_dir`` (replacing a previous build there) and return its paths.
 
     ``size`` picks a preset of :data:`SIZES` ("default" for the embedded default's training, "small" for
-    tests); ``sizes`` overrides it. The completion marker is written last, atomically.
+    tests); ``sizes`` overrides it. It is generated in a staging folder under the build lock, moved into place,
+    and completed by the marker, written last, atomically.
     """
     sizes = _resolve_sizes(size, sizes)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    marker = root / COMPLETE_MARKER
-    marker.unlink(missing_ok=True)
-    for p in _owned_paths(root):
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    with _build_lock(root):
+        marker = root / COMPLETE_MARKER
+        marker.unlink(missing_ok=True)
+        staging = staging_path(root / "build", "staging")
+        shutil.rmtree(staging, ignore_errors=True)  # what a killed build left
+        staging.mkdir()
+        _generate(staging, seed, size, sizes, vocab_size)
+        for target, built in zip(_owned_paths(root), _owned_paths(staging), strict=True):
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            if built.exists():
+                os.replace(built, target)
+        shutil.rmtree(staging)
+        # The completion marker, last and atomically: the file list with sizes lets ensure_synth_corpus spot a
+        # damaged corpus cheaply.
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        listing = {str(p.relative_to(root)): p.stat().st_size for p in files}
+        _dump_json(marker, {"format_version": FORMAT_VERSION, "seed": seed, "size": size, "sizes": asdict(sizes),
+                            "vocab_size": vocab_size, "files": listing})
+    return SynthCorpus.at(root, seed, size)
+
+
+def _generate(root: Path, seed: int, size: str, sizes: SynthSizes, vocab_size: int) -> None:
+    """Write every file of the corpus into the empty folder ``root`` (all but the completion marker)."""
     corpus = SynthCorpus.at(root, seed, size)
 
     # Clips of the training and validation splits.
@@ -255,15 +307,6 @@ def build_synth_corpus(
     }
     _dump_json(corpus.info_path, info)
 
-    # The completion marker, last and atomically: the file list with sizes lets ensure_synth_corpus spot a
-    # damaged corpus cheaply.
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    listing = {str(p.relative_to(root)): p.stat().st_size for p in files}
-    marker_info = {"format_version": FORMAT_VERSION, "seed": seed, "size": size, "sizes": asdict(sizes),
-                   "vocab_size": vocab_size, "files": listing}  # fmt: skip
-    _dump_json(marker, marker_info)
-    return corpus
-
 
 def is_complete(
     out_dir: str | Path,
@@ -306,9 +349,7 @@ def ensure_synth_corpus(
         return SynthCorpus.at(out_dir, seed, size)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "a+") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+    with _build_lock(root):
         if is_complete(out_dir, seed, size, sizes, vocab_size):  # another process built it meanwhile
             return SynthCorpus.at(out_dir, seed, size)
         return build_synth_corpus(out_dir, seed=seed, size=size, sizes=sizes, vocab_size=vocab_size)

@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Sequence
 
+from diffa2.cli_flags import add_flag
 from diffa2.data.synth.build import SIZES, SynthCorpus, build_synth_corpus, is_complete
 from diffa2.data.synth.constants import DEFAULT_CORPUS_DIR, DEFAULT_VOCAB_SIZE, SPLITS, STAGES
 from diffa2.threads import add_threads_option, apply_threads
@@ -23,7 +24,7 @@ def _summary(corpus: SynthCorpus, seconds: float, skipped: bool) -> str:
         f"synthetic corpus {'(already complete, not rebuilt) ' if skipped else ''}at {corpus.root.resolve()}"
     ]
     lines.append(f"  seed {info['seed']}, size {info['size']!r}, format v{info['format_version']}, "
-                 f"{info['clip_seconds']} s clips at {info['sample_rate']} Hz")  # fmt: skip
+                 f"{info['clip_seconds']} s clips at {info['sample_rate']} Hz")
     lines.append(f"  clips: {json.dumps(info['clips'])}")
     for stage in STAGES:
         for split in SPLITS:
@@ -60,11 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--small", action="store_true", help="same as --size small (tens of items, for tests)"
     )
-    parser.add_argument(
-        "--if-missing", action="store_true", help="only build when no complete corpus is there"
-    )
-    parser.add_argument(
-        "--vocab-size",
+    add_flag(parser, "--if_missing", action="store_true", help="only build when no complete corpus is there")
+    add_flag(
+        parser,
+        "--vocab_size",
         type=int,
         default=DEFAULT_VOCAB_SIZE,
         help=f"tokenizer vocabulary bound (default: {DEFAULT_VOCAB_SIZE})",

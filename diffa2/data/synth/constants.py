@@ -31,7 +31,7 @@ VOCABULARY: tuple[str, ...] = (
     "red", "blue", "green", "gold",
     "cat", "dog", "fish", "bird",
     "sun", "moon", "star", "rain",
-)  # fmt: skip
+)
 # word i = low tone i // 4 and high tone i % 4
 WORD_TONES: dict[str, tuple[float, float]] = {
     w: (WORD_LOW_HZ[i // len(WORD_HIGH_HZ)], WORD_HIGH_HZ[i % len(WORD_HIGH_HZ)])

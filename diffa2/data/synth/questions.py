@@ -60,7 +60,7 @@ QUESTION_KINDS: dict[str, QuestionKind] = {
              "Is the recording noisy?"),
         ),
     )
-}  # fmt: skip
+}
 CAPTION_KIND = "Caption"  # training only (stage 2): a short description of all attributes of the clip
 TRANSCRIPTION_KIND = "Transcription"  # stage 1
 CAPTION_PHRASINGS = ("Describe the audio in a few words.", "Give a short caption of the audio.")

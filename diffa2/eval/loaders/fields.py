@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffa2.eval.loaders.records import MISSING_VALUE, MMSU_CHOICE_KEYS, DataError, Record
-from diffa2.eval.specs import BUILTIN_SPECS, BenchmarkSpec
+from diffa2.eval.specs import BenchmarkSpec, benchmark_names, load_spec
 
 # ---------------------------------------------------------------------------------------------------------------
 # Field access per format
@@ -137,7 +137,7 @@ def validate(records: Sequence[Record], spec: BenchmarkSpec, *, for_run: bool, s
     seen: dict[str, str] = {}
     looks_like = {guess_format(rec.data) for rec in records}
     if len(looks_like) == 1 and (other := looks_like.pop()) not in (None, spec.format):
-        names = sorted(name for name, s in BUILTIN_SPECS.items() if s.format == other)
+        names = [name for name in benchmark_names() if load_spec(name).format == other]
         problems.append(f"every record has the fields of {other} data ({FORMAT_MARKS[other]}), not of {spec.format} "
                         f"({spec.name}): wrong benchmark? use --benchmark {' or '.join(names)}")
     for rec in records:

@@ -17,7 +17,7 @@ def _read_hf(dataset_id: str, split: str, revision: str | None) -> tuple[list[Re
         raise DataError(
             [f"{dataset_id}: cannot load split {split!r} from the Hugging Face Hub or cache ({type(exc).__name__}: "
              f"{exc}); pass a local parquet/JSONL path with --data"]
-        ) from exc  # fmt: skip
+        ) from exc
     if "audio" in ds.column_names:
         ds = ds.cast_column("audio", datasets.Audio(decode=False))
     identity = f"hf:{dataset_id}@{revision or 'default'} fingerprint {getattr(ds, '_fingerprint', '?')}"

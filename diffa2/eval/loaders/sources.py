@@ -37,7 +37,7 @@ def read_records_with_identity(
     if source.count("/") == 1 and not source.startswith((".", "/")) and not Path(source).suffix:
         records, identity = _read_hf(source, hf_split, hf_revision)
         return records, {"hf_dataset": source, "split": hf_split, "revision": hf_revision, "identity": identity,
-                         "records": len(records)}  # fmt: skip
+                         "records": len(records)}
     raise DataError([f"{source}: no such file or folder (and not a Hugging Face dataset id owner/name)"])
 
 

@@ -1,0 +1,310 @@
+"""Stage 5 (RL): rewards, group sampling, one step against a hand computation of GRPO's loss, every registered name
+run or refused, dropped NaN rewards, and the command end to end on the small corpus.
+
+Left for later (issue 16): a 2-process DeepSpeed run equal to one process, and the accuracy measurements."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import clip, make_tiny_model, small_run_args
+
+from diffa2.audio import LogMelFeaturizer
+from diffa2.config import parse_config, read_yaml_config
+from diffa2.data.collate import SFTCollator, SFTExample
+from diffa2.data.synth import format_mc_prompt
+from diffa2.diffusion.decoding import DecodeConfig
+from diffa2.rl import (
+    ADVANTAGE_ESTIMATORS,
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    LIKELIHOOD_ESTIMATORS,
+    POLICY_LOSSES,
+    D1Estimator,
+)
+from diffa2.stages import rl
+from diffa2.stages.reference_models import FrozenReference
+from diffa2.stages.rewards import RLItem, choices_in_prompt, get_reward, register_reward
+from diffa2.stages.rollout import (
+    PromptBatch,
+    group_advantages,
+    make_rollout,
+    rollout_loss,
+    rollout_metrics,
+    rollout_seeds,
+    sample_group,
+)
+from diffa2.stages.runner import REPO_ROOT
+
+QUESTIONS = [("Is the pitch low, medium, or high?", ["high", "low", "medium"], "high"),
+             ("How many beeps are there?", ["one", "two", "three"], "two")]
+GROUP = 4
+DECODE = DecodeConfig(gen_length=8, block_length=8, steps=4, temperature=1.0)
+
+
+def prompt_batch(chat) -> PromptBatch:
+    examples = [SFTExample(clip(1.0 + 0.3 * i, 300 + 100 * i, seed=i), format_mc_prompt(q, choices), target)
+                for i, (q, choices, target) in enumerate(QUESTIONS)]
+    collator = SFTCollator(chat, LogMelFeaturizer(n_mels=80, window_seconds=4.0))
+    return PromptBatch(**rl.RLCollator(collator)(examples))
+
+
+def lora_policy(chat):
+    """Frozen encoder and backbone, trainable adapters, prompts and LoRA; eval mode (no dropout): deterministic."""
+    model = make_tiny_model(chat)
+    model.add_lora()
+    model.set_trainable(encoder=False, backbone=False)
+    return model.eval()
+
+
+def rollout_for(chat, model, args: rl.RLArguments, seed=0):
+    """One rollout of the two prompts with `args`' objective and reward."""
+    objective = rl.resolve_objective(args, DECODE)
+    prompts = prompt_batch(chat)
+    *seeds, draw_seed = rollout_seeds(seed, 0, 0, args.group_size * len(prompts.items) + 1)
+    return objective, make_rollout(model, FrozenReference(model), chat, prompts, objective,
+                                   reward=get_reward(args.reward), group_size=args.group_size, decode=DECODE,
+                                   seeds=seeds, generator=torch.Generator().manual_seed(draw_seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# rewards
+# --------------------------------------------------------------------------------------------------
+
+
+def test_rewards_read_the_choices_from_the_prompt_and_score_with_mmau_rule():
+    prompt = format_mc_prompt("Is the pitch low, medium, or high?", ["high", "low", "medium"])
+    assert choices_in_prompt(prompt) == ("high", "low", "medium") and choices_in_prompt("How loud?") == ()
+    item = RLItem(prompt, "high", ("high", "low", "medium"))
+    correct, fmt = get_reward("mc_correct"), get_reward("format")
+    assert [correct(item, a) for a in ("high", "A. high", "high or low", "low", "")] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert [fmt(item, a) for a in ("low", "high low", "loud", "")] == [1.0, 0.0, 0.0, 0.0]
+    free = RLItem("How loud is the sound?", "quiet")
+    assert [correct(free, a) for a in ("quiet", "Quiet.", "quiet loud", "")] == [1.0, 1.0, 0.0, 0.0]
+    assert [fmt(free, a) for a in ("anything", "")] == [1.0, 0.0]
+    with pytest.raises(ValueError, match="unknown reward 'nope'; valid names: .*format, .*mc_correct"):
+        get_reward("nope")
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling
+# --------------------------------------------------------------------------------------------------
+
+
+def test_group_sampling_is_reproducible_per_seed(chat):
+    model = lora_policy(chat)
+    prompts = prompt_batch(chat)
+    rows = GROUP * len(prompts.items)
+    first = sample_group(model, chat, prompts, GROUP, DECODE, rollout_seeds(0, 0, 0, rows))
+    again = sample_group(model, chat, prompts, GROUP, DECODE, rollout_seeds(0, 0, 0, rows))
+    other = sample_group(model, chat, prompts, GROUP, DECODE, rollout_seeds(1, 0, 0, rows))
+    assert first.shape == (rows, 8) and torch.equal(first, again) and not torch.equal(first, other)
+    assert len({tuple(row) for row in first.tolist()}) > 1  # temperature > 0: the group's answers differ
+    assert rollout_seeds(0, 0, 0, rows) != rollout_seeds(0, 1, 0, rows)  # a new step, new noise
+
+
+# --------------------------------------------------------------------------------------------------
+# one step by hand
+# --------------------------------------------------------------------------------------------------
+
+
+def hand_logp(model, prompts: PromptBatch, answers: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """d1's one-step estimate by hand: every answer token masked, log-softmax at the true token, (R, L)."""
+    logits = model(prompts.input_features, prompts.feature_lengths, prompts.prompt_ids, prompts.audio_slots,
+                   torch.full_like(answers, mask_id), answers_per_prompt=GROUP)
+    return F.log_softmax(logits.float(), -1).gather(-1, answers[..., None]).squeeze(-1)
+
+
+def hand_grpo_loss(logp, old, ref, advantages, kl_coef):
+    """GRPO: clipped ratio (ε 0.2), k3 KL, each the mean over tokens then over answers."""
+    ratio = (logp - old).exp()
+    a = advantages[:, None]
+    surrogate = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2)).mean(-1).mean()
+    delta = ref - logp
+    kl = (delta.exp() - delta - 1).mean(-1).mean()
+    return surrogate + kl_coef * kl, (-a * ratio.clamp(0.8, 1.2) > -a * ratio).float().mean()
+
+
+def test_one_step_matches_grpo_by_hand_and_changes_only_trainable_tensors(chat):
+    model = lora_policy(chat)
+    args = rl.RLArguments(group_size=GROUP)
+    objective, rollout = rollout_for(chat, model, args)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])  # rows g·P + p: prompt 0 gets 1, 0, 1, 0
+    by_prompt = rewards.view(GROUP, 2).T  # (P, G)
+    expected = ((by_prompt - by_prompt.mean(1, keepdim=True)) / (by_prompt.std(1, keepdim=True) + 1e-6)).T.flatten()
+    advantages = group_advantages(objective, rewards, 2)
+    assert torch.allclose(advantages, expected) and advantages[0] == pytest.approx(0.5 / (math.sqrt(1 / 3) + 1e-6))
+    rollout = dataclasses.replace(rollout, rewards=rewards, advantages=advantages)  # a fixed rollout
+    old = hand_logp(model, rollout.prompts, rollout.answers, chat.ids.mask).detach()
+    assert torch.allclose(rollout.old_values, old, atol=1e-6) and torch.equal(rollout.old_values, rollout.ref_values)
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=50.0)
+    loss, metrics = rollout_loss(model, rollout, objective, chat.ids.mask)
+    # first update: the policy is the rollout policy and the reference, ratio 1, KL 0: loss = -mean(A) = 0
+    assert loss.item() == pytest.approx(-advantages.mean().item(), abs=1e-6) and metrics["actor/kl"] == 0
+    assert metrics["actor/pg_clipfrac"] == 0
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert any(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if "lora_B" in n)
+
+    loss, metrics = rollout_loss(model, rollout, objective, chat.ids.mask)  # second update on the same rollout
+    logp = hand_logp(model, rollout.prompts, rollout.answers, chat.ids.mask).detach()
+    expected_loss, clipped = hand_grpo_loss(logp, old, old, advantages, args.kl_coef)
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5, abs=1e-6)
+    assert metrics["actor/pg_clipfrac"].item() == pytest.approx(clipped.item()) and clipped > 0
+    assert metrics["actor/kl"] > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# every registered name runs one step or is refused with its reason
+# --------------------------------------------------------------------------------------------------
+
+
+def one_step(chat, **options) -> float:
+    model = lora_policy(chat)
+    objective, rollout = rollout_for(chat, model, rl.RLArguments(group_size=2, **options))
+    loss, _ = rollout_loss(model, rollout, objective, chat.ids.mask)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    return loss.item()
+
+
+def reward_by_length(item: RLItem, answer: str) -> float:
+    """A reward that differs inside a group, so every advantage is non-zero and gradients flow."""
+    return float(len(answer))
+
+
+register_reward("test_length")(reward_by_length)
+
+
+@pytest.mark.parametrize("name", POLICY_LOSSES.names())
+def test_every_policy_loss_runs_one_step(chat, name):
+    assert math.isfinite(one_step(chat, policy_loss=name, reward="test_length"))
+
+
+@pytest.mark.parametrize("name", AGGREGATIONS.names())
+def test_every_aggregation_runs_one_step(chat, name):
+    assert math.isfinite(one_step(chat, loss_agg_mode=name, reward="test_length"))
+
+
+@pytest.mark.parametrize("name", KL_ESTIMATORS.names())
+def test_every_kl_estimator_runs_one_step(chat, name):
+    assert math.isfinite(one_step(chat, kl=name, reward="test_length"))
+
+
+@pytest.mark.parametrize("name", LIKELIHOOD_ESTIMATORS.names())
+def test_every_likelihood_estimator_runs_one_step(chat, name):
+    samples = 1 if name == "spg" else 2  # spg: one draw per decoded block, and the rollout decodes one block
+    assert math.isfinite(one_step(chat, likelihood=name, likelihood_samples=samples, reward="test_length"))
+
+
+def test_spg_with_more_draws_than_blocks_is_refused():
+    with pytest.raises(NotImplementedError, match=r"--likelihood_samples 2 needs that many blocks, the rollout "
+                                                  r"has 1 \(--gen_length 8 / --block_length 8\)"):
+        rl.resolve_objective(rl.RLArguments(likelihood="spg", likelihood_samples=2), DECODE)
+
+
+@pytest.mark.parametrize("name", ADVANTAGE_ESTIMATORS.names())
+def test_every_advantage_estimator_runs_one_step_or_is_refused(chat, name):
+    if name in rl.SUPPORTED_ADVANTAGES:
+        assert math.isfinite(one_step(chat, advantage=name, reward="test_length"))
+        return
+    with pytest.raises(NotImplementedError, match=rf"--advantage {name} needs .+: not built yet in the RL stage; "
+                                                  r"choose one of grpo, dr_grpo, rloo"):
+        rl.resolve_objective(rl.RLArguments(advantage=name), DECODE)
+    assert set(rl.REFUSED_ADVANTAGES) == set(ADVANTAGE_ESTIMATORS.names()) - set(rl.SUPPORTED_ADVANTAGES)
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown policy loss 'ppo'; valid names: .*grpo"):
+        rl.RLArguments(policy_loss="ppo")
+    with pytest.raises(ValueError, match=r"--elbo_form: unknown masking form 'x'"):
+        rl.RLArguments(elbo_form="x")
+
+
+# --------------------------------------------------------------------------------------------------
+# dropped rewards
+# --------------------------------------------------------------------------------------------------
+
+CALLS = []
+
+
+def nan_every_other(item: RLItem, answer: str) -> float:
+    """NaN for every other answer scored (by call order), else 1."""
+    CALLS.append(answer)
+    return math.nan if len(CALLS) % 2 else 1.0
+
+
+register_reward("test_nan_every_other")(nan_every_other)
+
+
+def test_a_nan_reward_is_dropped_and_counted(chat):
+    CALLS.clear()
+    model = lora_policy(chat)
+    objective, rollout = rollout_for(chat, model, rl.RLArguments(group_size=GROUP, reward="test_nan_every_other"))
+    dropped = torch.tensor([True, False] * GROUP)
+    assert torch.equal(~rollout.valid, dropped)
+    assert not rollout.mask[dropped].any() and rollout.mask[~dropped].all()
+    assert torch.equal(rollout.advantages[dropped], torch.zeros(GROUP))
+    metrics = rollout_metrics(rollout)
+    assert metrics["rollout/dropped"] == GROUP and metrics["reward/mean"] == 1.0
+    loss, _ = rollout_loss(model, rollout, objective, chat.ids.mask)
+    assert math.isfinite(loss.item())
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------------
+
+
+def test_refused_objective_ends_the_command_before_building_anything(tmp_path):
+    with pytest.raises(SystemExit, match=r"error: --advantage hian needs multi-turn items"):
+        rl.main(["--output_dir", str(tmp_path / "rl"), "--advantage", "hian"])
+    assert not (tmp_path / "rl").exists()
+
+
+def test_command_runs_end_to_end_and_writes_checkpoint_summary_and_reward_plot(tmp_path, small_corpus):
+    CALLS.clear()
+    out = tmp_path / "rl"
+    summary = rl.main([*small_run_args(out, small_corpus, 2), "--model", "none", "--group_size", "2",
+                       "--per_device_train_batch_size", "2", "--reward", "test_nan_every_other"])
+    assert summary["steps"] == 2 and (out / "final" / "model.safetensors").is_file()
+    assert (out / "reward.png").stat().st_size > 1000 and (out / "loss.png").is_file()
+    written = json.loads((out / "summary.json").read_text())
+    # ppo_epochs 2: one rollout of 2 prompts x 2 answers for the two steps; every other reward was NaN
+    assert len(CALLS) == 4 and written["rl_log"]["dropped_rewards"] == 2
+    assert written["before"]["test"]["total"] == written["test"]["total"] == 4
+    assert written["rl"]["group_size"] == 2 and written["rl"]["rollout_decoding"]["temperature"] == 1.0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    first = next(entry for entry in log if "loss" in entry)
+    assert {"reward/mean", "rollout/accuracy", "actor/kl", "actor/pg_clipfrac", "rollout/dropped"} <= set(first)
+    assert first["actor/kl"] == 0 and first["reward/mean"] == 1.0  # step 0: the policy is the reference
+
+
+def test_real_recipe_builds_its_trainer(tmp_path, real_format_bases):
+    whisper, llada, recipe = real_format_bases
+    real = read_yaml_config(REPO_ROOT / "stages" / "rl.yaml", rl.ARG_TYPES)
+    overrides = {k: v for k, v in real.items() if k not in ("deepspeed", "bf16")}  # GPU-only settings
+    args = parse_config(rl.ARG_TYPES, ["--whisper_path", str(whisper), "--llada_path", str(llada), "--model", "none",
+                                       "--recipe", str(recipe), "--output_dir", str(tmp_path / "run")],
+                        "test", overrides=overrides)
+    stage = rl.RLStage(rl.SPEC, *args).setup()
+    trainer = stage.trainer
+    assert (trainer.args.learning_rate, trainer.args.per_device_train_batch_size) == (3e-6, 1)
+    assert (trainer.rl.group_size, trainer.rl.ppo_epochs, trainer.rl.kl_coef) == (8, 2, 0.04)
+    assert trainer.objective.estimator == D1Estimator(p_mask_prompt=0.0)
+    assert trainer.objective.loss_agg_mode == "seq-mean-token-mean"  # GRPO's own
+    assert (trainer.decode.gen_length, trainer.decode.temperature) == (32, 0.9)
+    trainable = {n.split(".")[0] for n, p in stage.lifecycle.model.named_parameters() if p.requires_grad}
+    assert trainable == {"semantic_adapter", "acoustic_adapter", "prompt_embeddings", "backbone"}
+    assert set(trainer.reference.tensors) == {n for n, p in stage.lifecycle.model.named_parameters()
+                                              if p.requires_grad}
