@@ -12,6 +12,11 @@ encoder, decoding) and decoding time per answer, the wall-clock speedup over ref
 benchmark accuracy (MMAU's official rule) and how many answers are identical to the reference's. Batches are
 interleaved across modes (every mode decodes batch k before any decodes batch k+1), so load from other processes
 on a shared machine hits all modes alike; one untimed warm-up batch per mode comes first.
+
+Then batch throughput under the `synth` benchmark's decoding (what `python -m diffa2.eval run --benchmark synth`
+decodes with): items/s of static batches (`AudioQA.answer`, a batch decodes until its slowest answer is done) and
+of the continuous batcher (`diffa2.diffusion.continuous`, a finished answer's slot goes to the next item) at each
+`--throughput_batches` size (default 1 and 8), with how many answers equal the first row's.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import json
 import platform
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -30,6 +36,7 @@ from diffa2.audio import load_audio, trim_to_window
 from diffa2.chat import COMPAT_MODES
 from diffa2.cli_flags import add_flag
 from diffa2.data.synth import DEFAULT_CORPUS_DIR, ensure_synth_corpus
+from diffa2.diffusion.continuous import DecodeJob, decode_all
 from diffa2.diffusion.decoding import PRESETS, DecodeConfig
 from diffa2.eval import core
 from diffa2.eval.specs import load_spec
@@ -125,6 +132,42 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def throughput(qa: AudioQA, items: list[dict], config: DecodeConfig, sizes: list[int]) -> list[dict]:
+    """Items/s of static and continuous batches of each size over `items`, and answers equal to the first row's."""
+    waves, prompts = [r["wave"] for r in items], [r["prompt"] for r in items]
+
+    def static(size: int) -> list[str]:
+        return [text for lo in range(0, len(items), size)
+                for text in qa.answer(waves[lo : lo + size], prompts[lo : lo + size], config).texts]
+
+    def continuous(size: int) -> list[str]:
+        jobs = ((i, DecodeJob((w, p), config)) for i, (w, p) in enumerate(zip(waves, prompts, strict=True)))
+        texts = dict(pair for done in decode_all(qa.batcher(max_batch=size), jobs) for pair in done)
+        return [qa.chat.decode_answer(texts[i].token_ids.tolist()) for i in range(len(items))]
+
+    static(max(sizes))  # warm-up, untimed
+    rows, first = [], None
+    for size in sizes:
+        for kind, run in (("static", static), ("continuous", continuous)):
+            start = time.perf_counter()
+            texts = run(size)
+            seconds = time.perf_counter() - start
+            first = first or texts
+            rows.append({"batching": kind, "batch": size, "items_per_second": len(items) / seconds,
+                         "same_answers": sum(a == b for a, b in zip(texts, first, strict=True))})
+    return rows
+
+
+def format_throughput(rows: list[dict], items: int) -> str:
+    """The throughput table, each row's items/s also as a ratio to the first row's."""
+    head = f"{'batching':<11} {'batch':>5} {'items/s':>8} {'vs first':>8} {'same answers':>12}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['batching']:<11} {r['batch']:>5} {r['items_per_second']:>8.2f} "
+                     f"{r['items_per_second'] / rows[0]['items_per_second']:>7.2f}x {r['same_answers']:>6}/{items}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", nargs="+", default=["reference", "parallel", "cache", "fast"],
                         help="presets to compare; the first is the baseline (default: reference parallel cache fast)")
     add_flag(parser, "--batch_size", type=int, default=8)
+    add_flag(parser, "--throughput_batches", type=int, nargs="*", default=[1, 8],
+             help="batch sizes of the static vs. continuous throughput table (default: 1 8; none: skip it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compat", choices=COMPAT_MODES,
                         help="toolkit or reference (DIFFA-2's released inference code); default: the checkpoint's")
@@ -169,10 +214,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = summarize(run_length(qa, items, configs, args.batch_size), args.modes[0], items)
         print(format_rows(rows), flush=True)
         results.append({"gen_length": gen_length, "config": {s: asdict(c) for s, c in configs.items()}, "rows": rows})
+    batching = []
+    if args.throughput_batches:
+        config = load_spec("synth").decoding
+        print(f"\nthroughput: synth decoding {config.gen_length}/{config.block_length}/{config.steps}, "
+              f"{len(items)} items")
+        batching = throughput(qa, items, config, args.throughput_batches)
+        print(format_throughput(batching, len(items)), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"checkpoint": args.model, "items": len(items),
-                                               "compat": qa.model.config.compat, "results": results},
-                                              indent=2) + "\n")
+                                               "compat": qa.model.config.compat, "results": results,
+                                               "throughput": batching}, indent=2) + "\n")
     return 0
 
 

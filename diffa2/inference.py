@@ -12,7 +12,9 @@ import torch
 
 from diffa2.audio import LogMelFeaturizer
 from diffa2.chat import COMPAT_MODES, ChatFormat
+from diffa2.diffusion.continuous import ContinuousBatcher
 from diffa2.diffusion.decoding import DEFAULT_MODE, DecodeConfig, StepCallback, generate
+from diffa2.likelihood import DEFAULT_DRAWS, DEFAULT_FORM, QuestionInputs, Scores, score_candidates, scoring_estimator
 from diffa2.modeling.checkpoint import load_pretrained, resolve_source
 from diffa2.modeling.model import DIFFA2Model, Prefix
 
@@ -75,6 +77,11 @@ class AudioQA:
         prompts = [self.chat.encode_prompt(q) for q in questions]
         return self.model.build_prefix([p for p, _ in prompts], [s for _, s in prompts], speech)
 
+    def batcher(self, *, max_batch: int = 8, max_wait_ms: float = 5.0) -> ContinuousBatcher:
+        """A continuous batcher over this model whose jobs' inputs are (wave, question) pairs."""
+        return ContinuousBatcher(self.model, self.chat.ids, lambda pairs: self.prefix(*zip(*pairs, strict=True)),
+                                 max_batch=max_batch, max_wait_ms=max_wait_ms)
+
     def answer(
         self,
         waves: Sequence[np.ndarray],
@@ -90,3 +97,37 @@ class AudioQA:
         out = generate(self.model, self.prefix(waves, questions), self.chat.ids, config, seed=seed, on_step=on_step)
         texts = [self.chat.decode_answer(row.tolist()) for row in out.token_ids]
         return Answers(texts, out.token_ids, out.nfe, time.perf_counter() - start, out.row_nfe.tolist(), out.seconds)
+
+    def score(
+        self,
+        waves: Sequence[np.ndarray],
+        questions: Sequence[str],
+        candidates: Sequence[Sequence[str]],
+        *,
+        n_draws: int = DEFAULT_DRAWS,
+        seed: int | Sequence[int] = 0,
+        form: str = DEFAULT_FORM,
+    ) -> Scores:
+        """Each candidate answer's ELBO under the model, per (clip, question) pair (`diffa2.likelihood`).
+
+        `n_draws` Monte-Carlo draws per candidate, shared by a question's candidates and derived from its seed
+        (`seed`: one for every question, or one per question), so a question's scores do not depend on its batch.
+        """
+        if not len(waves) == len(questions) == len(candidates):
+            raise ValueError(f"{len(waves)} clips, {len(questions)} questions and {len(candidates)} candidate lists")
+        seeds = [seed] * len(questions) if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(questions):
+            raise ValueError(f"{len(seeds)} seeds for {len(questions)} questions")
+        estimator = scoring_estimator(n_draws, form)
+        features, lengths = self.featurizer(list(waves))
+        features, lengths = features.to(self.device), lengths.to(self.device)
+        elbos, tokens = [], []
+        for q, (question, texts) in enumerate(zip(questions, candidates, strict=True)):
+            prompt_ids, slot = self.chat.encode_prompt(question)
+            inputs = QuestionInputs(features[q : q + 1], lengths[q : q + 1], [prompt_ids], [slot])
+            ids = [self.chat.encode_answer(text) for text in texts]
+            values = score_candidates(self.model, inputs, ids, self.chat.ids.mask, self.chat.ids.eos, estimator,
+                                      seeds[q])
+            elbos.append(values.tolist())
+            tokens.append([len(a) for a in ids])
+        return Scores(elbos, tokens, n_draws)

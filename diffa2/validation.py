@@ -136,6 +136,7 @@ RULES: dict[str, Range] = {
     # decoding (stages, eval, bench/decode.py)
     "gen_length": POSITIVE_INT,
     "gen_lengths": POSITIVE_INT,
+    "throughput_batches": POSITIVE_INT,  # bench/decode.py: batch sizes of the throughput table
     "block_length": POSITIVE_INT,
     "steps": POSITIVE_INT,
     "temperature": NON_NEGATIVE,
@@ -147,6 +148,7 @@ RULES: dict[str, Range] = {
     "batch_size": POSITIVE_INT,
     "limit": POSITIVE_INT,
     "seed": SEED,
+    "n_draws": POSITIVE_INT,  # ELBO draws per answer (answer scoring, --mcq likelihood)
     # demo
     "port": Range(1, 65535),
     "max_upload_mb": POSITIVE,

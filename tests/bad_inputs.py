@@ -19,7 +19,8 @@ from diffa2.eval.loaders import DataError
 from diffa2.modeling.safe_load import CheckpointError
 from diffa2.run_lock import RunDirError
 
-PROJECT_ERRORS = (AudioError, ManifestError, CheckpointError, DataError, ValueError, RunDirError)
+# SystemExit: a command's error exit, its message and no traceback (e.g. `python -m diffa2.stages.rl`)
+PROJECT_ERRORS = (AudioError, ManifestError, CheckpointError, DataError, ValueError, RunDirError, SystemExit)
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Bad set-up of issues #8 and #15 and what it gets, as one table (the rows and their check: tests/bad_inputs.py).
 
 Configs go through `parse_config`, checkpoints through the loaders, numeric options through each command line's
-range checks, output folders through a stage's setup. Audio, manifests and benchmark files are in
-tests/test_bad_inputs.py.
+range checks, output folders through a stage's setup, the RL stage's objective through its command and its reward
+scoring. Audio, manifests and benchmark files are in tests/test_bad_inputs.py; bad server requests in
+tests/test_serve.py (BAD_REQUESTS); the release importer's bad inputs in tests/test_release.py. Multi-turn items do
+not exist yet (issue 18).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import socket
 import sys
@@ -31,9 +34,11 @@ from diffa2.modeling.backbone import LLaDABackbone
 from diffa2.modeling.checkpoint import load_pretrained
 from diffa2.modeling.encoder import WhisperSpeechEncoder
 from diffa2.run_lock import LOCK_NAME, Holder, process_start
-from diffa2.stages import sft
+from diffa2.stages import rl, sft
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
 from diffa2.stages.cli import SFT_ARG_TYPES, parse_stage_options
+from diffa2.stages.rewards import RLItem
+from diffa2.stages.rollout import group_advantages, score
 from diffa2.stages.runner import SFTStage
 from diffa2.threads import choose_threads
 from diffa2.validation import check_args
@@ -166,6 +171,50 @@ def bench_parser(name: str) -> Callable[[], object]:
     return build
 
 
+def rl_option_row(*flags: str) -> Callable[[Ctx], object]:
+    """RL stage flags through the stage's parser, range checks and name look-ups."""
+
+    def run(ctx: Ctx) -> object:
+        return parse_stage_options(rl.ARG_TYPES, ["--output_dir", str(ctx.tmp / "rl"), *flags], "test", {})
+
+    return run
+
+
+def rl_command_row(*flags: str) -> Callable[[Ctx], object]:
+    """`python -m diffa2.stages.rl` with `flags`: it must end with its message before building anything."""
+
+    def run(ctx: Ctx) -> object:
+        try:
+            return rl.main(["--output_dir", str(ctx.tmp / "rl"), *flags])
+        finally:
+            assert not (ctx.tmp / "rl").exists(), "the refused run created its output folder"
+
+    return run
+
+
+REWARD_BY_ANSWER = {"high": math.nan, "low": math.inf, "high!": 1.0, "medium": 0.0}
+
+
+def non_finite_rewards(ctx: Ctx) -> object:
+    """A reward returning NaN and inf for two of a group's four answers: those are dropped (advantage 0), counted."""
+    item = RLItem("Is the pitch low, medium, or high?", "high", ("high", "low", "medium"))
+    rewards, _ = score(lambda _, answer: REWARD_BY_ANSWER[answer], [item], list(REWARD_BY_ANSWER))
+    objective = rl.resolve_objective(rl.RLArguments(), rl.rollout_decode(rl.RLArguments(), EvalArguments()))
+    advantages = group_advantages(objective, rewards, prompts=1)
+    dropped = int((~torch.isfinite(rewards)).sum())
+    return f"dropped {dropped} of {len(rewards)} answers; advantages {[round(a, 4) for a in advantages.tolist()]}"
+
+
+def text_reward(ctx: Ctx) -> object:
+    """A custom reward that returns the answer's text instead of a number."""
+    item = RLItem("Is the pitch low, medium, or high?", "high", ("high", "low", "medium"))
+
+    def says_high(_, answer):
+        return answer
+
+    return score(says_high, [item], ["high"])
+
+
 def stage_into(prepare: Callable[[Path], None]) -> Callable[[Ctx], object]:
     """A stage set up in an output folder that `prepare` filled first."""
 
@@ -252,6 +301,26 @@ CASES = [
          stage_into(earlier_checkpoints)),
     Case("output dir: locked by a running process", "error", "is in use by another run: PID ",
          stage_into(locked_by_parent)),
+    # the RL stage (python -m diffa2.stages.rl)
+    Case("rl: --reward not registered", "error", "--reward: unknown reward 'my_judge'; valid names: format, mc_correct",
+         rl_option_row("--reward", "my_judge")),
+    Case("rl: --policy_loss not registered", "error", "--policy_loss: unknown policy loss 'ppo'; valid names: ce_gppo",
+         rl_option_row("--policy_loss", "ppo")),
+    Case("rl: --group_size 1", "error", "--group_size 1 is out of range: must be >= 2",
+         rl_option_row("--group_size", "1")),
+    Case("rl: refused --advantage hian", "error",
+         "error: --advantage hian needs multi-turn items with a turn-level and a session-level reward (turn_ids, "
+         "turn_rewards): not built yet in the RL stage; choose one of grpo, dr_grpo, rloo (hian is reconstructed "
+         "from the abstract of arXiv:2603.01481: not the paper's equation, defaults guessed)",
+         rl_command_row("--advantage", "hian")),
+    Case("rl: --model that does not exist", "error",
+         "nowhere: no such checkpoint directory; expected the folder of a saved DIFFA-2 checkpoint",
+         rl_command_row("--model", "nowhere")),
+    Case("rl: a reward returning NaN and inf", "accepted",
+         "dropped 2 of 4 answers; advantages [0.0, 0.0, 0.7071, -0.7071]", non_finite_rewards),
+    Case("rl: a reward returning text", "error",
+         "reward 'says_high' returned 'high' (str) for the answer 'high'; a reward must return a real number",
+         text_reward),
 ]
 
 

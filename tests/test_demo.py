@@ -6,7 +6,9 @@ The tiny checkpoint has random weights, so answers are garbage; the tests check 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -27,13 +29,22 @@ from diffa2.demo import answer as answer_module
 from diffa2.demo.answer import (
     END_GLYPH,
     MASK_GLYPH,
+    MAX_QUESTION_CHARS,
     DecodeSettings,
     Update,
     answer_clip,
+    batcher_for,
     load_model,
+    model_info,
     render_canvas,
 )
-from diffa2.demo.checkpoints import checkpoint_choices, default_checkpoint, find_checkpoints, is_embedded_default
+from diffa2.demo.checkpoints import (
+    checkpoint_choices,
+    count_label,
+    default_checkpoint,
+    find_checkpoints,
+    is_embedded_default,
+)
 from diffa2.demo.examples import EXAMPLE_QUESTIONS, example_clips
 from diffa2.demo.training import TrainingFailed, parse_progress, run_training
 from diffa2.diffusion.decoding import DEFAULT_MODE, PRESETS, DecodeConfig
@@ -50,8 +61,13 @@ def write_wav(path: Path, wave: np.ndarray) -> Path:
     return path
 
 
+async def collect(audio, question=QUESTION, checkpoint=None, settings=FAST, **kwargs) -> list[Update]:
+    return [u async for u in answer_clip(None if audio is None else str(audio), question, checkpoint, settings,
+                                         **kwargs)]
+
+
 def run(audio, question=QUESTION, checkpoint=None, settings=FAST, **kwargs) -> list[Update]:
-    return list(answer_clip(None if audio is None else str(audio), question, checkpoint, settings, **kwargs))
+    return asyncio.run(collect(audio, question, checkpoint, settings, **kwargs))
 
 
 def free_port() -> int:
@@ -84,13 +100,91 @@ def test_answer_streams_the_unmasking_then_the_answer(tmp_path, checkpoint):
     wav = write_wav(tmp_path / "tone.wav", clip(1.5))
     updates = run(wav, checkpoint=str(checkpoint))
     frames, last = updates[:-1], updates[-1]
-    assert len(frames) == FAST.steps and last.done and not any(u.done for u in frames)
+    assert len(frames) == FAST.steps + 1 and last.done and not any(u.done for u in frames)
     masked = [u.text.count(MASK_GLYPH) for u in frames]
-    assert masked == [6, 4, 2, 0]  # 8 positions, 2 committed per step; each masked position is shown as ▒
-    assert "NFE 1," in frames[0].status and "Done: NFE 4," in last.status
-    direct = load_model(str(checkpoint)).answer([load_audio(wav)], [QUESTION], FAST.to_config())
+    assert masked == [8, 6, 4, 2, 0]  # the all-masked canvas first, then 2 of the 8 positions committed per step
+    assert frames[0].text == MASK_GLYPH * 8 and "NFE 0, 8 of 8 positions masked" in frames[0].status
+    assert "NFE 1," in frames[1].status and "Done: NFE 4," in last.status
+    qa = load_model(str(checkpoint))
+    direct = qa.answer([load_audio(wav)], [QUESTION], FAST.to_config())
     assert last.text == direct.texts[0]
     assert MASK_GLYPH not in last.text and END_GLYPH not in last.text
+    assert batcher_for(qa).trace  # decoded by the model's continuous batcher, the server's answer path
+
+
+def test_kv_cache_settings_decode_with_the_static_path(tmp_path, checkpoint):
+    wav = write_wav(tmp_path / "tone.wav", clip(1.5))
+    settings = DecodeSettings(gen_length=8, block_length=4, steps=4, cache="prefix")
+    updates = run(wav, checkpoint=str(checkpoint), settings=settings)
+    direct = load_model(str(checkpoint)).answer([load_audio(wav)], [QUESTION], settings.to_config())
+    assert updates[0].text == MASK_GLYPH * 8 and updates[-1].text == direct.texts[0]
+    assert updates[-1].status.startswith(f"Done: NFE {direct.nfe},")
+
+
+def test_visitors_share_forwards_and_pauses_hold_no_thread(tmp_path, checkpoint):
+    wav = write_wav(tmp_path / "tone.wav", clip(1.5))
+    qa = load_model(str(checkpoint))
+    engine = batcher_for(qa)
+    seen = len(engine.trace)
+
+    async def two_visitors() -> tuple[list[list[Update]], float]:
+        start = asyncio.get_running_loop().time()
+        both = await asyncio.gather(*(collect(wav, q, str(checkpoint), delay=0.3) for q in (QUESTION, "Is it loud?")))
+        return both, asyncio.get_running_loop().time() - start
+
+    (first, second), seconds = asyncio.run(two_visitors())
+    assert first[-1].status.startswith("Done: NFE 4,") and second[-1].status.startswith("Done: NFE 4,")
+    # 5 frames each, 0.3 s apart: 1.5 s per visitor; both on one event loop thread, so the pauses overlap
+    assert 1.5 <= seconds < 2.6
+    assert max(len(record.rows) for record in list(engine.trace)[seen:]) == 2  # one forward served both
+
+
+def test_too_long_question_is_refused_with_the_limit(tmp_path, checkpoint):
+    wav = write_wav(tmp_path / "tone.wav", clip(1.0))
+    updates = run(wav, "x" * (MAX_QUESTION_CHARS + 1), str(checkpoint))
+    assert [u.status for u in updates] == [f"⚠ The question is {MAX_QUESTION_CHARS + 1} characters long, over the "
+                                           f"limit of {MAX_QUESTION_CHARS}; shorten it."]
+    assert run(wav, "x" * MAX_QUESTION_CHARS, str(checkpoint))[-1].status.startswith("Done: NFE 4,")
+
+
+def test_model_info_says_size_training_and_what_it_answers(tmp_path, checkpoint):
+    final = install_checkpoint(checkpoint, tmp_path / "runs")
+    parameters = sum(p.numel() for p in load_model(str(final)).model.parameters())
+    info = model_info(str(final))
+    assert info.startswith(f"**{final}**: {count_label(parameters)} parameters.")
+    assert "tiny embedded default, trained from scratch on the built-in synthetic audio corpus" in info
+    assert "(Spoken Content, Event Counting, Pitch, Tempo, Loudness, Background Noise) in 4 answer tokens" in info
+    assert "No summary.json beside it" in info
+    summary = {"stage": "sft", "steps": 1200, "test": {"accuracy": 98.9}}
+    (final.parent / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    assert info.replace("No summary.json beside it: how it was trained is not recorded.",
+                        "Trained by the `sft` stage for 1200 steps; 98.9 % on its test split (summary.json of the "
+                        "run).") == model_info(str(final))
+    assert model_info(str(tmp_path)).startswith("⚠ ") and "is not a DIFFA-2 checkpoint" in model_info(str(tmp_path))
+    assert [count_label(n) for n in (999, 1234, 1_340_000, 8_000_000_000)] == ["999", "1.23 k", "1.34 M", "8 B"]
+
+
+def test_warm_up_makes_the_first_resampled_clip_fast(tmp_path):
+    wav = tmp_path / "cd.wav"
+    sf.write(wav, clip(1.0), 44100)  # not 16 kHz: resampled
+    script = textwrap.dedent(f"""
+        import sys, time
+        from diffa2.audio import load_audio
+        from diffa2.demo.answer import warm_up
+        if sys.argv[1] == "warm":
+            warm_up()
+        start = time.perf_counter()
+        load_audio({str(wav)!r})
+        print(time.perf_counter() - start)
+    """)
+    seconds = {}
+    for how in ("cold", "warm"):
+        out = subprocess.run([sys.executable, "-c", script, how], cwd=REPO, capture_output=True, text=True,
+                             timeout=120, env=os.environ | {"OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr
+        seconds[how] = float(out.stdout)
+    # librosa imports scipy.signal on its first resample (about a second or more): warm_up pays it at startup
+    assert seconds["warm"] < 0.2 < seconds["cold"], seconds
 
 
 def test_answer_on_synthetic_corpus_examples(small_corpus, checkpoint):
@@ -155,9 +249,10 @@ def test_unexpected_error_is_one_line_in_the_page(tmp_path, checkpoint, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(answer_module.AudioQA, "answer", broken)
+    monkeypatch.setattr(answer_module.AudioQA, "prefix", broken)  # the batcher's prompt encoder
     updates = run(write_wav(tmp_path / "t.wav", clip(1.0)), checkpoint=str(checkpoint))
-    assert [u.status for u in updates] == ["⚠ Internal error (RuntimeError: boom); the details are in the server log."]
+    assert [u.text.count(MASK_GLYPH) for u in updates] == [8, 0]  # the masked canvas, then the message
+    assert updates[-1].status == "⚠ Internal error (RuntimeError: boom); the details are in the server log."
 
 
 def test_render_canvas_shows_masks_and_end_tokens(chat):
@@ -258,6 +353,20 @@ def test_command_line_help(entry):
         assert flag in out.stdout
 
 
+@pytest.mark.parametrize("argv", [[], ["--allow_training"], ["--allow-training"]])
+def test_train_button_only_with_allow_training(argv, tmp_path, small_corpus):
+    from diffa2.demo.cli import parse_args
+    from diffa2.demo.ui import DemoOptions, build_app
+
+    allowed = parse_args(argv).allow_training
+    assert allowed == bool(argv)
+    app = build_app(DemoOptions(runs_dir=tmp_path / "runs", examples_dir=small_corpus, allow_training=allowed))
+    (button,) = [b for b in app.blocks.values() if getattr(b, "elem_id", None) == "train"]
+    events = {fn.api_name: fn for fn in app.fns.values()}
+    assert button.visible is allowed and ("train" in events) is allowed
+    assert events["answer"].concurrency_limit == 8  # answers share the batcher (MAX_BATCH) instead of queueing
+
+
 def test_gradio_client_answers_and_reports_bad_input(tmp_path, checkpoint, small_corpus):
     from gradio_client import Client, handle_file
 
@@ -284,7 +393,8 @@ def test_gradio_client_trains_when_there_is_no_checkpoint(tmp_path, checkpoint, 
     from diffa2.demo.ui import DemoOptions
 
     runs = tmp_path / "runs"
-    options = DemoOptions(runs_dir=runs, examples_dir=small_corpus, train_command=fake_training(checkpoint, runs))
+    options = DemoOptions(runs_dir=runs, examples_dir=small_corpus, train_command=fake_training(checkpoint, runs),
+                          allow_training=True)
     wav = str(write_wav(tmp_path / "tone.wav", clip(1.0)))
     with serve(options) as url:
         client = Client(url, verbose=False)

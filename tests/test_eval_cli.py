@@ -44,11 +44,13 @@ def test_help_of_every_subcommand(capsys, monkeypatch):
         runpy.run_module("diffa2.eval", run_name="__main__", alter_sys=True)
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: python -m diffa2.eval" in out and "{run,score,prompts}" in out
+    assert "usage: python -m diffa2.eval" in out and "{run,score,score_answers,prompts}" in out
     expected = {
         "run": ("--benchmark", "--model", "--data", "--audio_root", "--out", "--batch_size", "--limit", "--steps",
-                "--gen_length", "--block_length", "--temperature", "--cfg_scale", "--remasking", "--prompt", "--mode"),
+                "--gen_length", "--block_length", "--temperature", "--cfg_scale", "--remasking", "--prompt", "--mode",
+                "--mcq", "--n_draws"),
         "score": ("--benchmark", "--predictions", "--mode", "--prediction_key", "--out"),
+        "score_answers": ("--model", "--audio", "--question", "--candidate", "--n_draws", "--seed", "--elbo_form"),
         "prompts": ("--show",),
     }
     for command, flags in expected.items():

@@ -143,3 +143,28 @@ def test_resume_after_crash_and_after_limit_equals_uninterrupted(checkpoint, mma
 def test_item_seeds_are_per_item():
     assert item_seed(0, "a") == item_seed(0, "a") != item_seed(0, "b")
     assert item_seed(0, "a") != item_seed(1, "a") and 0 <= item_seed(5, "x") < 2**31
+
+
+def test_continuous_batches_give_the_static_batch_entries(checkpoint, mmau_dir):
+    from diffa2.diffusion.decoding import DecodeConfig
+    from diffa2.eval.core import decode_batch, decode_items, load_items, render_prompts
+    from diffa2.inference import AudioQA
+
+    spec = load_spec("mmau")
+    items, _ = load_items(spec, mmau_dir / "mmau.json", mmau_dir, limit=10)
+    prompts = render_prompts(spec, items)
+    qa = AudioQA.from_checkpoint(checkpoint)
+    static_calls = []
+    answer = qa.answer
+    qa.answer = lambda *a, **kw: static_calls.append(len(a[0])) or answer(*a, **kw)
+    # a threshold rule: answers finish after different numbers of steps
+    config = DecodeConfig.preset("parallel", gen_length=8, block_length=4, steps=8, temperature=1.0)
+    static = decode_batch(qa, items, prompts, config, seed=3)
+    assert static_calls == [8] and sum("output" in e for e in static) == 8  # items 3 and 5: no audio
+    groups = list(decode_items(qa, items, prompts, config, 3, batch_size=4))
+    assert static_calls == [8]  # the continuous batcher, not AudioQA.answer
+    assert [len(g) for g in groups] == [4, 4, 2]
+    assert dict(i_entry for g in groups for i_entry in g) == dict(enumerate(static))
+    cached = list(decode_items(qa, items, prompts, dataclasses.replace(config, cache="prefix"), 3, batch_size=4))
+    assert static_calls == [8, 3, 3, 2]  # KV cache: static batches of 4 in item order, items 3 and 5 unread
+    assert [[i for i, _ in g] for g in cached] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

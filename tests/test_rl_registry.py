@@ -128,3 +128,44 @@ def test_config_validation():
         rl.PPOClipConfig(clip_ratio_c=1.0)
     with pytest.raises(ValueError, match="n >= -1 and m >= 1"):
         rl.DGPOConfig(m=0.5)
+
+
+RECONSTRUCTED = {"hian": "arXiv:2603.01481", "gtpo": "arXiv:2602.01675", "scope": "arXiv:2604.10688"}
+
+
+def says_reconstructed(entry) -> bool:
+    docs = [entry.fn.__doc__ or "", getattr(entry.config_cls, "__doc__", None) or ""] if isinstance(
+        entry, rl.RegisteredFn) else [getattr(entry, "__doc__", None) or ""]
+    return any("reconstructed from the abstract" in doc.lower() for doc in docs)
+
+
+@pytest.mark.parametrize("registry", REGISTRIES, ids=lambda r: r.kind)
+def test_every_objective_reconstructed_from_an_abstract_carries_the_note(registry):
+    for name in registry.names():
+        source = RECONSTRUCTED.get(name) if registry is rl.ADVANTAGE_ESTIMATORS else None
+        assert says_reconstructed(registry.get(name)) == (source is not None), name
+        assert registry.note(name) == (rl.reconstructed(source) if source else ""), name
+
+
+def test_notes_are_listed_by_describe_and_guarded_like_values():
+    assert rl.ADVANTAGE_ESTIMATORS.describe(["grpo", "hian"]) == (
+        "grpo, hian [reconstructed from the abstract of arXiv:2603.01481: not the paper's equation, defaults guessed]")
+    registry: Registry[int] = Registry("thing")
+    registry.add("a", 1, note="from a README")
+    registry.add("a", 1, note="from a README")  # the same again: fine
+    with pytest.raises(ValueError, match="already registered with the note 'from a README'"):
+        registry.add("a", 1)
+    with pytest.raises(ValueError, match="unknown thing 'b'"):
+        registry.note("b")
+
+
+def test_rl_stage_help_shows_the_notes(capsys):
+    from diffa2.stages import rl as rl_stage
+
+    with pytest.raises(SystemExit) as exit_:
+        rl_stage.main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    for name, source in RECONSTRUCTED.items():
+        assert f"{name} [{rl.reconstructed(source)}]" in text
+    assert "policy loss: ce_gppo, cispo, dapo, dgpo, dr_grpo, gppo, grpo, gspo, maspo, sapo, vanilla" in text

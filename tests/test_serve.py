@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import threading
 import time
@@ -31,6 +32,12 @@ LIMITS = Limits(max_body_bytes=300_000, max_audio_seconds=2.0, max_question_char
 def wav_bytes(seconds: float, freq: float = 440.0) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, clip(seconds, freq), 16000, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+def encoded(seconds: float, container: str) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, clip(seconds, 440.0), 16000, format=container)
     return buffer.getvalue()
 
 
@@ -214,6 +221,18 @@ BAD_REQUESTS = [
     ("inconsistent lengths", {**GOOD, "max_tokens": 8, "gen_length": 16}, 400, "disagree"),
     ("steps over gen_length", {**GOOD, "max_tokens": 8, "steps": 16}, 400, "steps 16 > gen_length 8"),
     ("negative temperature", {**GOOD, "temperature": -1}, 400, "temperature"),
+    ("truncated wav", {**GOOD, "messages": user(audio_part(wav_bytes(0.5)[:4000]))}, 400,
+     "input_audio.data is a truncated WAV file: its data chunk lacks 28080 of the bytes its header declares"),
+    ("mp3 declared as wav", {**GOOD, "messages": user(audio_part(encoded(0.5, "MP3"), "wav"))}, 400,
+     "input_audio.format is 'wav' but the data is a MP3 file: send format 'mp3'"),
+    ("0-sample clip", {**GOOD, "messages": user(audio_part(wav_bytes(0.0)))}, 400,
+     "contains no samples (zero-length audio); expected at least one sample"),
+    ("huge n", {**GOOD, "n": 10**30}, 400, "n 1000000000000000000000000000000 is over the limit of 3"),
+    ("n as a string", {**GOOD, "n": "2"}, 400, "n: Input should be a valid integer"),
+    ("negative max_tokens", {**GOOD, "max_tokens": -8}, 400, "max_tokens: Input should be greater than or equal to 1"),
+    ("infinite temperature", json.dumps({**GOOD, "temperature": float("inf")}).encode(), 400,
+     "temperature: Input should be a finite number"),
+    ("JSON array body", b"[1, 2]", 400, "body: Input should be a valid dictionary"),
 ]
 
 
@@ -227,6 +246,15 @@ def test_bad_request_gets_its_4xx_and_the_server_keeps_answering(server, client,
     assert message in error["message"]
     assert set(error) == {"message", "type", "param", "code"}
     assert client.chat.completions.create(max_tokens=8, **GOOD).choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_declared_as_not_json_gets_415(server, content_type):
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=json.dumps(GOOD).encode(),
+                          headers={"content-type": content_type})
+    assert response.status_code == 415
+    assert response.json()["error"]["message"] == (f"Content-Type {content_type!r} is not application/json: send "
+                                                   "the body as JSON with 'Content-Type: application/json'")
 
 
 def test_official_client_raises_bad_request(client):

@@ -1,29 +1,42 @@
 """What the demo does with a clip and a question: validate the audio, decode, stream the canvas as it unmasks.
 
 Every failure a user can cause (no clip, a file that is not audio, an empty or silent clip, an upload over the size
-limit, inconsistent decoding settings, a checkpoint that does not load) becomes a `DemoError` whose message is
-shown in the page; the UI never shows a stack trace.
+limit, a question over the length limit, inconsistent decoding settings, a checkpoint that does not load) becomes a
+`DemoError` whose message is shown in the page; the UI never shows a stack trace.
+
+The answer path is the server's (`diffa2.serve`): one continuous batcher per loaded model
+(`diffa2.diffusion.continuous`), running on its own thread, so visitors asking at the same time share its forward
+passes. KV-cache settings, which the batcher does not cover, decode with `AudioQA.answer` (as the eval runner
+does). `answer_clip` and `stream_answer` are async generators: a pause between frames is an `asyncio.sleep`, so it
+holds no worker thread, and the page's queue can run several answers at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import functools
+import io
+import itertools
 import logging
-import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
-from diffa2.audio import SAMPLE_RATE, AudioError, load_audio, trim_to_window
+from diffa2.audio import SAMPLE_RATE, AudioError, decode_audio_bytes, load_audio, trim_to_window
 from diffa2.chat import ChatFormat
 from diffa2.demo import DEFAULT_MAX_UPLOAD_MB
+from diffa2.demo.checkpoints import describe_model
+from diffa2.diffusion.continuous import ContinuousBatcher, DecodeJob, covers
 from diffa2.diffusion.decoding import DecodeConfig
 from diffa2.eval.specs import load_spec
 from diffa2.inference import AudioQA
+from diffa2.serve.schema import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +44,8 @@ MASK_GLYPH = "▒"  # a position still masked
 END_GLYPH = "·"  # a position committed to end-of-answer (EOS / end of turn)
 SILENCE_PEAK = 1e-4  # -80 dBFS: a clip whose loudest sample is below this is treated as silent
 EVAL_DECODING = load_spec("synth").decoding  # what `python -m diffa2.eval run --benchmark synth` decodes with
+MAX_QUESTION_CHARS = Limits().max_question_chars  # the server's limit (diffa2.serve)
+MAX_BATCH = 8  # answers decoded together by a model's batcher
 
 
 class DemoError(ValueError):
@@ -89,6 +104,15 @@ def _load_cached(directory: str, mtime: float, compat: str | None) -> AudioQA:
     return AudioQA.from_checkpoint(directory, compat=compat)
 
 
+def model_info(checkpoint: str | None, compat: str | None = None) -> str:
+    """What the page says about the selected checkpoint (`describe_model`), or why it cannot be loaded."""
+    try:
+        qa = load_model(checkpoint, compat)
+    except DemoError as exc:
+        return f"⚠ {exc}"
+    return describe_model(checkpoint, qa.model.config, sum(p.numel() for p in qa.model.parameters()))
+
+
 def prepare_clip(path: str | None, window_seconds: float, max_bytes: int) -> tuple[np.ndarray, list[str]]:
     """Decode and check an uploaded or recorded clip; return the 16 kHz wave and notices (e.g. trimming)."""
     if not path:
@@ -144,42 +168,105 @@ class Update:
     done: bool = False
 
 
-def stream_answer(
+def warm_up() -> None:
+    """Resample a tiny 44.1 kHz clip once, so the first visitor's non-16 kHz clip does not pay librosa's lazy
+    import of scipy.signal (about a second or more)."""
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(441, np.float32), 44100, format="WAV")
+    decode_audio_bytes(buffer.getvalue(), name="warm-up clip")
+
+
+_BATCHERS: collections.OrderedDict[int, tuple[AudioQA, ContinuousBatcher]] = collections.OrderedDict()
+_BATCHERS_LOCK = threading.Lock()
+
+
+def batcher_for(qa: AudioQA) -> ContinuousBatcher:
+    """The running batcher of a loaded model (started on first use); as many are kept as models (`_load_cached`),
+    the oldest closed when a third model is asked for."""
+    with _BATCHERS_LOCK:
+        if id(qa) in _BATCHERS:
+            _BATCHERS.move_to_end(id(qa))
+            return _BATCHERS[id(qa)][1]
+        while len(_BATCHERS) >= 2:
+            _BATCHERS.popitem(last=False)[1][1].close()
+        batcher = qa.batcher(max_batch=MAX_BATCH)
+        batcher.start()
+        _BATCHERS[id(qa)] = (qa, batcher)
+        return batcher
+
+
+def _status(nfe: int, masked: int, total: int) -> str:
+    return f"Unmasking… NFE {nfe}, {masked} of {total} positions masked"
+
+
+async def stream_answer(
     qa: AudioQA, wave: np.ndarray, question: str, config: DecodeConfig, *, delay: float = 0.0, seed: int = 0
-) -> Iterator[Update]:
-    """Decode in a worker thread and yield the canvas after every step, then the answer with NFE and time.
+) -> AsyncIterator[Update]:
+    """Yield the all-masked canvas, then the canvas after every decoding step, then the answer with NFE and time.
 
-    `delay` pauses between frames shown (not between decoding steps), so the reported time stays the decoder's.
+    `delay` pauses between frames shown (not between decoding steps, which run on the batcher's thread), so the
+    reported time stays the decoder's.
     """
-    frames: queue.Queue = queue.Queue()
-    outcome: dict = {}
+    loop = asyncio.get_running_loop()
+    frames: asyncio.Queue[tuple[int, list[int]] | None] = asyncio.Queue()
+    ended: dict[str, float] = {}
 
-    def work() -> None:
-        try:
-            outcome["answers"] = qa.answer([wave], [question], config, seed=seed,
-                                           on_step=lambda nfe, x: frames.put((nfe, x[0].tolist())))
-        except Exception as exc:  # re-raised in the consumer's thread below
-            outcome["error"] = exc
-        finally:
-            frames.put(None)
+    def put(nfe: int, ids: list[int]) -> None:
+        loop.call_soon_threadsafe(frames.put_nowait, (nfe, ids))
 
-    threading.Thread(target=work, daemon=True, name="diffa2-demo-decode").start()
-    while (frame := frames.get()) is not None:
-        nfe, ids = frame
-        masked = sum(t == qa.chat.ids.mask for t in ids)
-        yield Update(render_canvas(ids, qa.chat), f"Unmasking… NFE {nfe}, {masked} of {len(ids)} positions masked")
-        time.sleep(delay)
-    if "error" in outcome:
-        raise outcome["error"]
-    answers = outcome["answers"]
-    status = (f"Done: NFE {answers.nfe}, {answers.seconds:.2f} s ({answers.tokens_per_second:.0f} tokens/s, "
-              f"{config.gen_length} answer positions)")
-    if not answers.texts[0]:
+    def finished(_: object) -> None:  # runs on the event loop, after every frame the decoder queued
+        ended["at"] = time.perf_counter()
+        frames.put_nowait(None)
+
+    total = config.gen_length
+    start = time.perf_counter()
+    job = None
+    if covers(config):
+        per_step = 2 if config.cfg_scale > 0 else 1  # guidance adds the unconditional branch's pass
+        nfes = itertools.count(per_step, per_step)
+        job = DecodeJob((wave, question), config, seed=seed, on_step=lambda x: put(next(nfes), x.tolist()))
+        future = asyncio.wrap_future(batcher_for(qa).submit(job))
+    else:
+        future = asyncio.ensure_future(asyncio.to_thread(qa.answer, [wave], [question], config, seed=seed,
+                                                         on_step=lambda nfe, x: put(nfe, x[0].tolist())))
+    future.add_done_callback(finished)
+    try:
+        yield Update(render_canvas([qa.chat.ids.mask] * total, qa.chat), _status(0, total, total))
+        if delay:
+            await asyncio.sleep(delay)
+        while (frame := await frames.get()) is not None:
+            nfe, ids = frame
+            yield Update(render_canvas(ids, qa.chat), _status(nfe, sum(t == qa.chat.ids.mask for t in ids), total))
+            if delay:
+                await asyncio.sleep(delay)
+        result = future.result()
+    finally:
+        if job is not None:
+            job.abandoned = True  # a visitor who left frees the slot (a no-op once finished)
+    if job is None:
+        text, nfe = result.texts[0], result.nfe
+    else:
+        text, nfe = qa.chat.decode_answer(result.token_ids.tolist()), result.nfe
+    seconds = ended["at"] - start
+    status = (f"Done: NFE {nfe}, {seconds:.2f} s ({total / max(seconds, 1e-9):.0f} tokens/s, "
+              f"{total} answer positions)")
+    if not text:
         status += "; the answer is empty (the model put an end-of-answer token first)"
-    yield Update(answers.texts[0], status, done=True)
+    yield Update(text, status, done=True)
 
 
-def answer_clip(
+def check_question(question: str | None) -> str:
+    """The question stripped, or a DemoError when it is empty or over `MAX_QUESTION_CHARS`."""
+    if not question or not question.strip():
+        raise DemoError("Type a question about the clip (or pick an example question).")
+    question = question.strip()
+    if len(question) > MAX_QUESTION_CHARS:
+        raise DemoError(f"The question is {len(question)} characters long, over the limit of {MAX_QUESTION_CHARS}; "
+                        "shorten it.")
+    return question
+
+
+async def answer_clip(
     audio: str | None,
     question: str,
     checkpoint: str | None,
@@ -188,16 +275,15 @@ def answer_clip(
     max_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 2**20),
     delay: float = 0.0,
     compat: str | None = None,
-) -> Iterator[Update]:
+) -> AsyncIterator[Update]:
     """The demo's answer function: a path and a question in, frames of the unmasking out; errors as a message."""
     try:
-        if not question or not question.strip():
-            raise DemoError("Type a question about the clip (or pick an example question).")
+        question = check_question(question)
         config = settings.to_config()
-        qa = load_model(checkpoint, compat)
-        wave, notices = prepare_clip(audio, qa.model.config.window_seconds, max_bytes)
+        qa = await asyncio.to_thread(load_model, checkpoint, compat)
+        wave, notices = await asyncio.to_thread(prepare_clip, audio, qa.model.config.window_seconds, max_bytes)
         prefix = "".join(f"ℹ {n}\n\n" for n in notices)
-        for update in stream_answer(qa, wave, question.strip(), config, delay=delay):
+        async for update in stream_answer(qa, wave, question, config, delay=delay):
             yield Update(update.text, prefix + update.status, update.done)
     except DemoError as exc:
         yield Update("", f"⚠ {exc}", done=True)

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
              help="where stage runs write <stage>/final checkpoints and the train button trains (default: runs)")
     add_flag(parser, "--max_upload_mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
              help=f"largest upload accepted, in MB (default {DEFAULT_MAX_UPLOAD_MB:g})")
+    add_flag(parser, "--allow_training", action="store_true",
+             help="show the button that trains the tiny default into --runs_dir (off by default: a visitor could "
+                  "otherwise start a 13-minute training run)")
     parser.add_argument("--compat", choices=("toolkit", "reference"),  # DIFFA2Config.compat (not imported: --help
                         help="toolkit or reference (DIFFA-2's released inference code, docs/reference-compat.md); "
                              "default: each checkpoint's own setting")  # stays instant without transformers)
@@ -48,4 +51,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     from diffa2.demo.ui import DemoOptions, launch  # gradio is imported only once --help has been handled
 
     launch(DemoOptions(runs_dir=args.runs_dir, checkpoint=args.model, max_upload_mb=args.max_upload_mb,
-                       compat=args.compat), host=args.host, port=args.port, share=args.share)
+                       compat=args.compat, allow_training=args.allow_training),
+           host=args.host, port=args.port, share=args.share)

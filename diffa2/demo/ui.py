@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 
 from diffa2.demo import DEFAULT_MAX_UPLOAD_MB
-from diffa2.demo.answer import END_GLYPH, MASK_GLYPH, DecodeSettings, DemoError, answer_clip
+from diffa2.demo.answer import (
+    END_GLYPH,
+    MASK_GLYPH,
+    MAX_BATCH,
+    MAX_QUESTION_CHARS,
+    DecodeSettings,
+    DemoError,
+    answer_clip,
+    model_info,
+    warm_up,
+)
 from diffa2.demo.checkpoints import NO_CHECKPOINT_HELP, checkpoint_choices, default_checkpoint
 from diffa2.demo.evaluation import evaluate_checkpoint, format_evaluation
 from diffa2.demo.examples import EXAMPLE_QUESTIONS, example_clips
@@ -38,6 +48,7 @@ class DemoOptions:
     compat: str | None = None  # "toolkit" or "reference" for every checkpoint; default: each checkpoint's own
     examples_dir: Path | None = None  # synthetic example clips; default: <runs_dir>/demo-examples
     train_command: list[str] = field(default_factory=list)  # default: the embedded default's SFT stage
+    allow_training: bool = False  # show the train button (and its API endpoint); off unless --allow_training
 
     def __post_init__(self) -> None:
         self.runs_dir = Path(self.runs_dir)
@@ -62,7 +73,7 @@ def build_app(options: DemoOptions) -> gr.Blocks:
             with gr.Column():
                 audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio clip", elem_id="audio")
                 question = gr.Textbox(label="Question", placeholder="e.g. What is the pitch of the sound?",
-                                      elem_id="question")
+                                      elem_id="question", max_length=MAX_QUESTION_CHARS)
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")
                 gr.Examples([[q] for q in EXAMPLE_QUESTIONS], inputs=[question], label="Example questions")
                 gr.Examples(clips, inputs=[audio, question], example_labels=kinds,
@@ -73,8 +84,10 @@ def build_app(options: DemoOptions) -> gr.Blocks:
                 with gr.Accordion("Model", open=selected is None):
                     checkpoint = gr.Dropdown(checkpoint_choices(options.runs_dir, options.checkpoint), value=selected,
                                              allow_custom_value=True, label="Checkpoint directory")
+                    info = gr.Markdown(elem_id="model-info")
                     missing = gr.Markdown(NO_CHECKPOINT_HELP.format(runs=options.runs_dir), visible=selected is None)
-                    train = gr.Button("Train the tiny default (about 13 min on CPU)", elem_id="train")
+                    train = gr.Button("Train the tiny default (about 13 min on CPU)", elem_id="train",
+                                      visible=options.allow_training)
                     trained = gr.Markdown(elem_id="train-status")
                     measure = gr.Button("Accuracy on the synthetic test split", elem_id="evaluate")
                     measured = gr.Markdown(elem_id="evaluate-status")
@@ -92,13 +105,16 @@ def build_app(options: DemoOptions) -> gr.Blocks:
                     eos_early_exit = gr.Checkbox(value=defaults.eos_early_exit, label="Stop once the answer has ended")
                     delay = gr.Slider(0.0, 1.0, value=0.1, step=0.05, label="Pause between frames shown (s)")
 
-        def on_answer(audio, question, checkpoint, gen_length, block_length, steps, threshold, factor, cache,
-                      eos_early_exit, delay) -> Iterator[tuple[str, str]]:
+        async def on_answer(audio, question, checkpoint, gen_length, block_length, steps, threshold, factor, cache,
+                            eos_early_exit, delay) -> AsyncIterator[tuple[str, str]]:
             settings = DecodeSettings(gen_length=gen_length, block_length=block_length, steps=steps,
                                       threshold=threshold, factor=factor, cache=cache, eos_early_exit=eos_early_exit)
-            for update in answer_clip(audio, question, checkpoint, settings,
-                                      max_bytes=options.max_upload_bytes, delay=delay, compat=options.compat):
+            async for update in answer_clip(audio, question, checkpoint, settings,
+                                            max_bytes=options.max_upload_bytes, delay=delay, compat=options.compat):
                 yield update.text, update.status
+
+        def on_checkpoint(checkpoint: str | None) -> str:
+            return model_info(checkpoint, options.compat) if checkpoint else ""
 
         def on_train(progress=gr.Progress()) -> tuple:  # noqa: B008 (Gradio's way to ask for a progress bar)
             fraction = 0.0
@@ -137,9 +153,12 @@ def build_app(options: DemoOptions) -> gr.Blocks:
         mode.change(on_mode, mode, [threshold, factor, cache, eos_early_exit], api_visibility="private")
         inputs = [audio, question, checkpoint, gen_length, block_length, steps, threshold, factor, cache,
                   eos_early_exit, delay]
+        # Answers share the model's batcher and pause without a worker (async): several may run at once.
         gr.on([ask.click, question.submit], on_answer, inputs, [answer, status], api_name="answer",
-              show_progress="minimal")
-        train.click(on_train, None, [checkpoint, missing, trained], api_name="train")
+              show_progress="minimal", concurrency_limit=MAX_BATCH)
+        gr.on([app.load, checkpoint.change], on_checkpoint, checkpoint, info, api_name="model_info")
+        if options.allow_training:
+            train.click(on_train, None, [checkpoint, missing, trained], api_name="train")
         measure.click(on_evaluate, [checkpoint, gen_length, block_length, steps, threshold, factor, cache,
                                     eos_early_exit], measured, api_name="evaluate")
     return app
@@ -148,6 +167,7 @@ def build_app(options: DemoOptions) -> gr.Blocks:
 def launch(options: DemoOptions, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
            **kwargs) -> gr.Blocks:
     """Build and launch the demo (non-blocking when `prevent_thread_lock=True` is passed, as tests do)."""
+    warm_up()
     app = build_app(options)
     app.launch(server_name=host, server_port=port, share=share, max_file_size=options.max_upload_bytes,
                allowed_paths=[str(options.examples_dir.resolve())], theme=THEME, css=CSS, **kwargs)

@@ -22,7 +22,9 @@ cached passes in the same forward, and caches of different lengths per row, whic
 waiting jobs into free slots (at most `max_batch` rows), encodes their prompts in one call, runs one shared forward
 and retires finished rows; `run_until_idle` steps until nothing is left (tests, offline use); `start` runs the same
 loop on a background thread that owns the model, waiting up to `max_wait_ms` after an idle period so that requests
-arriving together start together. `trace` records which jobs every forward ran.
+arriving together start together. `trace` records which jobs every forward ran. `decode_all` drives a batcher over
+a (lazy) stream of jobs on the calling thread, taking the next job only when a slot frees up (the eval runner and
+the evaluator core, hence the demo's accuracy button and bench/decode.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -77,9 +79,14 @@ class ForwardRecord:
     left: tuple[int, ...]
 
 
+def covers(config: DecodeConfig) -> bool:
+    """Whether continuous batching covers these settings (everything but a KV cache; module docstring)."""
+    return config.cache == "none"
+
+
 def check_covered(config: DecodeConfig) -> None:
     """Raise ValueError for settings continuous batching does not cover (a KV cache; module docstring)."""
-    if config.cache != "none":
+    if not covers(config):
         raise ValueError(f"continuous batching does not cover cache={config.cache!r} (a KV cache is refilled per "
                          "block, so rows at different steps cannot share a forward): use cache='none'")
 
@@ -308,3 +315,27 @@ class ContinuousBatcher:
                     return
             self.step()
 
+
+
+def decode_all(batcher: ContinuousBatcher, jobs: Iterable[tuple[Hashable, DecodeJob]]
+               ) -> Iterator[list[tuple[Hashable, JobResult]]]:
+    """Decode `(key, job)` pairs on the calling thread (a batcher not `start`ed), and yield after every shared
+    forward the `(key, result)` pairs it finished, in submission order. The next job is read from `jobs` only when
+    a slot is free (at most `max_batch` queued or active), so a lazy iterable (e.g. one loading audio) is read as
+    the batch drains; a job that failed raises its error here."""
+    pending = iter(jobs)
+    outstanding: dict[Future, Hashable] = {}
+    exhausted = False
+    while True:
+        while not exhausted and len(outstanding) < batcher.max_batch:
+            pair = next(pending, None)
+            if pair is None:
+                exhausted = True
+            else:
+                outstanding[batcher.submit(pair[1])] = pair[0]
+        if not outstanding:
+            return
+        batcher.step()
+        finished = [future for future in outstanding if future.done()]
+        if finished:
+            yield [(outstanding.pop(future), future.result()) for future in finished]

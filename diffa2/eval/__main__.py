@@ -1,4 +1,4 @@
-"""Command line of the benchmark runners: ``python -m diffa2.eval {run,score,prompts} --help``.
+"""Command line of the benchmark runners: ``python -m diffa2.eval {run,score,score_answers,prompts} --help``.
 
 Laptop (the embedded default's synthetic test split, on the checkpoint `make train` wrote to runs/sft/final):
     python -m diffa2.eval run --benchmark synth
@@ -8,6 +8,9 @@ Real scale:
     python -m diffa2.eval run --benchmark mmsu --model CKPT --data ddwang2000/MMSU
     torchrun --nproc_per_node=8 -m diffa2.eval run --benchmark mmau ...   # one shard per GPU, merged by rank 0
     python -m diffa2.eval score --benchmark mmau --predictions predictions.json --mode normalized
+Answer scoring (docs/answer-scoring.md):
+    python -m diffa2.eval run --benchmark synth --mcq likelihood     # each item's best-scoring choice
+    python -m diffa2.eval score_answers --model CKPT --audio A.wav --question Q --candidate "..." --candidate "..."
 """
 
 from __future__ import annotations
@@ -17,14 +20,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from diffa2.audio import load_audio, trim_to_window
 from diffa2.chat import COMPAT_MODES
 from diffa2.cli_flags import add_flag
 from diffa2.diffusion.decoding import DEFAULT_MODE, PRESETS, SPEED_FIELDS, DecodeConfig
+from diffa2.eval.core import MCQ_MODES
 from diffa2.eval.loaders import DataError, read_predictions, validate
 from diffa2.eval.prompts import PROMPTS
 from diffa2.eval.report import build_report, format_table, write_report
 from diffa2.eval.scoring import score_records
 from diffa2.eval.specs import MODES, SpecError, benchmark_names, load_spec
+from diffa2.likelihood import DEFAULT_DRAWS, DEFAULT_FORM
+from diffa2.rl import MASKING_FORMS, masking_form
 from diffa2.run_lock import RunDirError
 from diffa2.threads import add_threads_option, apply_threads
 from diffa2.validation import parse_checked
@@ -62,6 +69,11 @@ def _add_decoding(parser: argparse.ArgumentParser) -> None:
              help="stop an answer once its text is decided (EOS, nothing masked before it)")
     add_flag(group, "--exit_on_eot", action=argparse.BooleanOptionalAction, default=None,
              help="the early exit also stops at an end-of-turn token (DIFFA-2's published decoding: no)")
+
+
+def _add_draws(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--n_draws", type=int, default=DEFAULT_DRAWS,
+             help=f"Monte-Carlo draws per answer of the ELBO (default: {DEFAULT_DRAWS})")
 
 
 DECODING_FLAGS = ("gen_length", "block_length", "steps", "temperature", "cfg_scale", "remasking", "logits_eos_inf",
@@ -107,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--spec", help="benchmark spec YAML (default: diffa2/eval/benchmarks/<benchmark>.yaml)")
     add_flag(run, "--hf_revision", help="Hugging Face dataset revision to pin")
     add_flag(run, "--no_progress", action="store_true", help="no progress bar")
+    run.add_argument("--mcq", choices=MCQ_MODES, default="generate", help="answer multiple-choice items by "
+                     "decoding (generate, the default) or by the choice with the highest ELBO (likelihood; "
+                     "docs/answer-scoring.md)")
+    _add_draws(run)
     add_threads_option(run)
     _add_decoding(run)
 
@@ -120,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
              "model_output; model_prediction is used when no record has model_output)")
     score.add_argument("--out", help="write the report here (.json; .md and .png beside it)")
     score.add_argument("--spec", help="benchmark spec YAML (default: diffa2/eval/benchmarks/<benchmark>.yaml)")
+
+    answers = sub.add_parser("score_answers", help="print the ELBO of given answers to a question about a clip",
+                             description="Score candidate answers to a question about a clip: each one's ELBO "
+                             "(a lower bound of its log-likelihood, in nats) under the model and its per-token mean.")
+    answers.add_argument("--model", required=True, help="DIFFA-2 checkpoint folder (save_pretrained layout)")
+    answers.add_argument("--audio", required=True, help="audio file")
+    answers.add_argument("--question", required=True, help="the question (the prompt's instruction)")
+    answers.add_argument("--candidate", action="append", required=True, help="a candidate answer (repeat the flag)")
+    answers.add_argument("--seed", type=int, default=0, help="seed of the ELBO draws")
+    add_flag(answers, "--elbo_form", type=masking_form, choices=MASKING_FORMS, default=DEFAULT_FORM,
+             help=f"the ELBO's masking form (default: {DEFAULT_FORM}; aliases l = count, t = ratio; diffa2.rl.elbo)")
+    answers.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    answers.add_argument("--compat", choices=COMPAT_MODES, help="'toolkit' or 'reference' (default: the checkpoint's)")
+    _add_draws(answers)
+    add_threads_option(answers)
 
     prompts = sub.add_parser("prompts", help="list the prompt templates, or show one rendered",
                              description="List the prompt templates, or render one on an example item.")
@@ -142,7 +173,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         benchmark=args.benchmark, model=model, data=args.data, audio_root=args.audio_root, out=args.out,
         batch_size=args.batch_size, limit=args.limit, seed=args.seed, prompt=args.prompt, mode=args.mode,
         profile=args.profile, decoding=decoding, device=args.device, spec_file=args.spec, hf_revision=args.hf_revision,
-        progress=not args.no_progress, compat=args.compat,
+        progress=not args.no_progress, compat=args.compat, mcq=args.mcq, n_draws=args.n_draws,
     )
     run_benchmark(options)
     return 0
@@ -162,6 +193,27 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score_answers(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffa2.inference import AudioQA
+
+    apply_threads(args.threads, log=lambda message: print(f"[diffa2.eval] {message}", file=sys.stderr))
+    if not Path(args.model).is_dir():
+        raise ValueError(f"checkpoint folder {args.model!r} does not exist")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    qa = AudioQA.from_checkpoint(args.model, device=device, compat=args.compat)
+    wave, _ = trim_to_window(load_audio(args.audio, max_seconds=qa.model.config.window_seconds),
+                             qa.model.config.window_seconds)
+    scores = qa.score([wave], [args.question], [args.candidate], n_draws=args.n_draws, seed=args.seed,
+                      form=args.elbo_form)
+    print(f"{'ELBO':>10} {'per token':>10} {'tokens':>6}  candidate  ({args.n_draws} draws, seed {args.seed})")
+    for text, elbo, mean, tokens in zip(args.candidate, scores.elbos[0], scores.per_token[0], scores.tokens[0],
+                                        strict=True):
+        print(f"{elbo:10.3f} {mean:10.3f} {tokens:6d}  {text}")
+    return 0
+
+
 def _cmd_prompts(args: argparse.Namespace) -> int:
     if args.show:
         template = PROMPTS[args.show]
@@ -176,7 +228,8 @@ def _cmd_prompts(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_checked(build_parser(), argv)
     try:
-        return {"run": _cmd_run, "score": _cmd_score, "prompts": _cmd_prompts}[args.command](args)
+        commands = {"run": _cmd_run, "score": _cmd_score, "score_answers": _cmd_score_answers, "prompts": _cmd_prompts}
+        return commands[args.command](args)
     except (DataError, SpecError, ValueError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,22 +1,25 @@
 """The one evaluator: decode a benchmark's items with a loaded model and score them under a spec, in memory.
 
 ``evaluate(qa, spec, items)`` returns the per-item answers and the scored summary (accuracy overall and per
-breakdown value, next to chance). Everything that evaluates multiple-choice accuracy calls it or its two halves
-(``decode_batch``, ``score_entries``): ``python -m diffa2.eval run`` (``runner``, which adds resume, shards and the
-result files), the stages' end-of-stage evaluation (``diffa2.stages.evaluate``), the demo and ``bench/decode.py``.
-So they give the same number for the same checkpoint, data and decoding by construction.
+breakdown value, next to chance). With ``mcq="likelihood"`` an item's answer is not generated but chosen: the choice
+whose text has the highest ELBO under the model (``AudioQA.score``, docs/answer-scoring.md), written as the answer
+text so the official scorers apply unchanged. Everything that evaluates multiple-choice accuracy calls it or its
+two halves (``decode_items``, ``score_entries``): ``python -m diffa2.eval run`` (``runner``, which adds resume,
+shards and the result files), the stages' end-of-stage evaluation (``diffa2.stages.evaluate``), the demo and
+``bench/decode.py``. So they give the same number for the same checkpoint, data and decoding by construction.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from diffa2.audio import AudioError, decode_audio_bytes, load_audio, trim_to_window
+from diffa2.diffusion.continuous import DecodeJob, covers, decode_all
 from diffa2.diffusion.decoding import DecodeConfig
 from diffa2.eval.loaders import (
     DataError,
@@ -31,6 +34,9 @@ from diffa2.eval.loaders import (
 from diffa2.eval.prompts import get_prompt
 from diffa2.eval.scoring import ScoreResult, accuracy_cell, normalize_prediction, score_records
 from diffa2.eval.specs import BenchmarkSpec
+from diffa2.likelihood import DEFAULT_DRAWS
+
+MCQ_MODES = ("generate", "likelihood")  # answer a multiple-choice item by decoding, or by the best-scoring choice
 
 
 def resolve_data(spec: BenchmarkSpec, data: str | None, audio_root: str | None) -> tuple[str, Path]:
@@ -79,31 +85,90 @@ def _load_wave(item: Item, window: float) -> Any:
     return load_audio(item.audio.path, where=where, max_seconds=window)
 
 
+def _prepare(item: Item, window: float, seed: int) -> tuple[dict[str, Any], Any]:
+    """The item's entry (id, seed, audio status) and its trimmed wave, or None when the audio is missing or
+    unreadable (the entry then says why in `audio_error`)."""
+    entry: dict[str, Any] = {"id": item.id, "seed": item_seed(seed, item.id)}
+    try:
+        wave = _load_wave(item, window)
+    except AudioError as exc:
+        missing = item.audio.path is not None and not item.audio.path.exists()
+        return entry | {"audio_status": "missing" if missing else "unreadable", "audio_error": str(exc)}, None
+    wave, trimmed = trim_to_window(wave, window)
+    return entry | {"audio_status": "ok", "trimmed": trimmed}, wave
+
+
+def check_mcq(mcq: str) -> None:
+    """Refuse an unknown multiple-choice answering mode, naming the allowed ones."""
+    if mcq not in MCQ_MODES:
+        raise ValueError(f"mcq must be one of {list(MCQ_MODES)}, got {mcq!r}")
+
+
 def decode_batch(
-    qa: Any, items: Sequence[Item], prompts: Sequence[str], decode: DecodeConfig, seed: int
+    qa: Any, items: Sequence[Item], prompts: Sequence[str], decode: DecodeConfig, seed: int, *,
+    mcq: str = "generate", n_draws: int = DEFAULT_DRAWS,
 ) -> list[dict[str, Any]]:
     """One entry per item: id, seed, audio status (with `audio_error` when it is missing or unreadable, else
-    `trimmed`) and, for readable audio, the model's `output` text and the item's own `nfe`."""
+    `trimmed`) and, for readable audio, the model's `output` text and the item's own `nfe` (`mcq` "generate"), or
+    the best-scoring choice as `output` and every choice's ELBO in `choice_elbos` (`mcq` "likelihood", `n_draws`
+    draws per choice)."""
+    check_mcq(mcq)
     window = float(qa.model.config.window_seconds)
-    entries, waves, rows = [], [], []
-    for row, item in enumerate(items):
-        entry: dict[str, Any] = {"id": item.id, "seed": item_seed(seed, item.id)}
-        try:
-            wave = _load_wave(item, window)
-        except AudioError as exc:
-            missing = item.audio.path is not None and not item.audio.path.exists()
-            entry |= {"audio_status": "missing" if missing else "unreadable", "audio_error": str(exc)}
-        else:
-            wave, trimmed = trim_to_window(wave, window)
-            entry |= {"audio_status": "ok", "trimmed": trimmed}
-            waves.append(wave)
-            rows.append(row)
-        entries.append(entry)
-    if rows:
+    prepared = [_prepare(item, window, seed) for item in items]
+    entries = [entry for entry, _ in prepared]
+    rows = [r for r, (_, wave) in enumerate(prepared) if wave is not None]
+    waves = [prepared[r][1] for r in rows]
+    if rows and mcq == "likelihood":
+        choices = [[c for c in items[r].choices if c is not None] for r in rows]
+        scores = qa.score(waves, [prompts[r] for r in rows], choices, n_draws=n_draws,
+                          seed=[entries[r]["seed"] for r in rows])
+        for r, options, elbos, best in zip(rows, choices, scores.elbos, scores.best, strict=True):
+            entries[r] |= {"output": options[best], "choice_elbos": elbos}
+    elif rows:
         answers = qa.answer(waves, [prompts[r] for r in rows], decode, seed=[entries[r]["seed"] for r in rows])
         for r, text, nfe in zip(rows, answers.texts, answers.row_nfe, strict=True):
             entries[r] |= {"output": text, "nfe": nfe}  # the item's own NFE: independent of its batch
     return entries
+
+
+def decode_items(
+    qa: Any, items: Sequence[Item], prompts: Sequence[str], decode: DecodeConfig, seed: int, batch_size: int, *,
+    mcq: str = "generate", n_draws: int = DEFAULT_DRAWS,
+) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+    """Decode `items` and yield their `(index, entry)` pairs (entries as `decode_batch`'s) in groups of
+    `batch_size` (the last may be smaller). Generated answers under settings continuous batching covers
+    (`continuous.covers`: no KV cache) go through the continuous batcher, `batch_size` rows at a time, a finished
+    answer's slot taken by the next item at once, so a batch never waits for its slowest answer; groups are then in
+    finishing order. KV-cache settings and likelihood scoring run `decode_batch` on static batches in item order.
+    The entries are the same either way (tested)."""
+    check_mcq(mcq)
+    if mcq != "generate" or not covers(decode):
+        for lo in range(0, len(items), batch_size):
+            yield list(enumerate(decode_batch(qa, items[lo : lo + batch_size], prompts[lo : lo + batch_size],
+                                              decode, seed, mcq=mcq, n_draws=n_draws), lo))
+        return
+    window = float(qa.model.config.window_seconds)
+    entries: dict[int, dict[str, Any]] = {}
+    ready: list[tuple[int, dict[str, Any]]] = []  # finished, not yet yielded
+
+    def jobs() -> Iterator[tuple[int, DecodeJob]]:
+        for i, item in enumerate(items):  # audio is read only when a slot is free
+            entries[i], wave = _prepare(item, window, seed)
+            if wave is None:
+                ready.append((i, entries[i]))
+            else:
+                yield i, DecodeJob((wave, prompts[i]), decode, seed=entries[i]["seed"])
+
+    for finished in decode_all(qa.batcher(max_batch=batch_size), jobs()):
+        for i, result in finished:
+            entries[i] |= {"output": qa.chat.decode_answer(result.token_ids.tolist()), "nfe": result.nfe}
+            ready.append((i, entries[i]))
+        while len(ready) >= batch_size:
+            group, ready[:] = ready[:batch_size], ready[batch_size:]
+            yield group
+    while ready:
+        group, ready[:] = ready[:batch_size], ready[batch_size:]
+        yield group
 
 
 def score_entries(
@@ -176,10 +241,12 @@ class Evaluation:
 
 def evaluate(
     qa: Any, spec: BenchmarkSpec, items: Sequence[Item], *, decoding: DecodeConfig | None = None,
-    batch_size: int = 8, seed: int = 0, progress: str | None = None,
+    batch_size: int = 8, seed: int = 0, progress: str | None = None, mcq: str = "generate",
+    n_draws: int = DEFAULT_DRAWS,
 ) -> Evaluation:
-    """Decode `items` with `qa` (an AudioQA) under `spec` (its prompt, its decoding unless `decoding` is given)
-    in batches of `batch_size`, then score them; `progress` names a progress bar (None: none)."""
+    """Answer `items` with `qa` (an AudioQA) under `spec` (its prompt, its decoding unless `decoding` is given)
+    `batch_size` at a time (`decode_items`; `mcq`: by decoding or by likelihood), then score them; `progress` names
+    a progress bar (None: none)."""
     from tqdm import tqdm
 
     if batch_size < 1:
@@ -187,9 +254,11 @@ def evaluate(
     spec = spec if decoding is None else spec.replace(decoding=decoding)
     items = list(items)
     prompts = render_prompts(spec, items)
-    entries: list[dict[str, Any]] = []
-    starts = range(0, len(items), batch_size)
-    for lo in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
-        entries += decode_batch(qa, items[lo : lo + batch_size], prompts[lo : lo + batch_size], spec.decoding, seed)
+    entries: list[dict[str, Any]] = [{} for _ in items]
+    with tqdm(total=len(items), desc=progress, unit="item", leave=False, disable=progress is None) as bar:
+        for group in decode_items(qa, items, prompts, spec.decoding, seed, batch_size, mcq=mcq, n_draws=n_draws):
+            for i, entry in group:
+                entries[i] = entry
+            bar.update(len(group))
     rows, result = score_entries(spec, items, entries)
     return Evaluation(spec, items, prompts, entries, rows, result, summarize(result, items))

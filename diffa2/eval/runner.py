@@ -4,11 +4,16 @@
     python -m diffa2.eval run --benchmark mmau --model CKPT --data mmau-test-mini.json --audio_root DIR
 
 Resume. Every finished item is appended to ``<out>/partial/<benchmark>-<fingerprint>.jsonl`` (flushed and
-fsynced per batch) under a key made of the item id, its prompt text and audio reference. The fingerprint covers
-everything that changes an answer: checkpoint content (sampled hash), prompt template, decoding settings, seed,
-audio window and device type, but not the batch size (decoding is batch-safe). Rerunning the same command skips
-finished items; a killed run loses at most the batch in flight. Final files are written atomically once every
-item is done, and contain nothing time-dependent, so they are byte-identical to an uninterrupted run's.
+fsynced per group of ``--batch_size`` finished items) under a key made of the item id, its prompt text and audio
+reference. The fingerprint covers everything that changes an answer: checkpoint content (sampled hash), prompt
+template, decoding settings, seed, audio window and device type, but not the batch size (decoding is batch-safe).
+Rerunning the same command skips finished items; a killed run loses at most the items in flight (one batch being
+decoded, and fewer than a batch finished but not yet written). Final files are written atomically once every item
+is done, and contain nothing time-dependent, so they are byte-identical to an uninterrupted run's.
+
+Batches. Without a KV cache the items go through the continuous batcher (``diffa2.diffusion.continuous``): up to
+``--batch_size`` answers decode together and a finished answer's slot goes to the next item at once, so a batch
+never waits for its slowest answer; KV-cache settings decode in static batches. Answers are the same either way.
 
 Sharding. Under ``torchrun --nproc_per_node=N -m diffa2.eval run ...`` item i goes to rank i % N; each rank logs to
 its own file and rank 0 merges all logs in item order (``diffa2.eval.sharding``), so the final files are
@@ -39,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffa2.eval.core import decode_batch, load_items, render_prompts, resolve_data, score_entries
+from diffa2.eval.core import check_mcq, decode_items, load_items, render_prompts, resolve_data, score_entries
 from diffa2.eval.loaders import DataError, Item, write_predictions
 from diffa2.eval.prompts import get_prompt
 from diffa2.eval.report import build_report, format_table, write_report
@@ -47,6 +52,7 @@ from diffa2.eval.resume import append_partial, checkpoint_fingerprint, has_outpu
 from diffa2.eval.sharding import Shard
 from diffa2.eval.specs import BenchmarkSpec, load_spec
 from diffa2.io import atomic_write_json, atomic_write_text
+from diffa2.likelihood import DEFAULT_DRAWS
 from diffa2.run_lock import RunLock
 
 
@@ -71,6 +77,8 @@ class RunOptions:
     spec_file: str | None = None
     hf_revision: str | None = None
     progress: bool = True
+    mcq: str = "generate"  # "likelihood": the best-scoring choice instead of a decoded answer (core.decode_batch)
+    n_draws: int = DEFAULT_DRAWS  # ELBO draws per choice when mcq is "likelihood"
 
 
 @dataclass
@@ -116,6 +124,12 @@ def compat_identity(compat: str, override: str | None) -> dict[str, str]:
     return {} if compat == "toolkit" and override is None else {"compat": compat}
 
 
+def mcq_identity(options: RunOptions) -> dict[str, Any]:
+    """The answering mode in a run's identity: absent for decoding (earlier runs keep their fingerprint), else the
+    mode and its ELBO budget."""
+    return {} if options.mcq == "generate" else {"mcq": options.mcq, "n_draws": options.n_draws}
+
+
 def resolve_spec(options: RunOptions, release: str | None = None) -> BenchmarkSpec:
     """The spec with its decoding profile (`options.profile`, else the default for `release`) and the overrides."""
     spec = load_spec(options.benchmark, options.spec_file)
@@ -147,6 +161,7 @@ def run_benchmark(
     spec = resolve_spec(options)
     if options.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {options.batch_size}")
+    check_mcq(options.mcq)
     out = Path(options.out or f"runs/eval/{spec.name}")
     shard = Shard.from_env()
 
@@ -179,7 +194,7 @@ def run_benchmark(
         "seed": options.seed,
         "window_seconds": window,
         "device_type": device_type,
-    } | compat_identity(qa.model.config.compat, options.compat)
+    } | compat_identity(qa.model.config.compat, options.compat) | mcq_identity(options)
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     stem = f"{spec.name}-{fingerprint}"
     partial = shard.log_path(out / "partial", stem)
@@ -199,18 +214,19 @@ def run_benchmark(
     # Decode what is left, appending every batch as soon as it is finished.
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=spec.name, unit="item",
                disable=not options.progress, file=sys.stderr, position=shard.rank)
-    decoded = 0
+    decoded, finished = 0, len(mine) - len(todo)
     try:
-        for batch_no, lo in enumerate(range(0, len(todo), options.batch_size)):
-            batch = todo[lo : lo + options.batch_size]
-            outcome = decode_batch(qa, [items[i] for i in batch], [prompts[i] for i in batch], decode, options.seed)
-            entries = [{"key": keys[i]} | entry for i, entry in zip(batch, outcome, strict=True)]
+        groups = decode_items(qa, [items[i] for i in todo], [prompts[i] for i in todo], decode, options.seed,
+                              options.batch_size, mcq=options.mcq, n_draws=options.n_draws)
+        for batch_no, group in enumerate(groups):
+            entries = [{"key": keys[todo[j]]} | entry for j, entry in group]
             decoded += sum(map(has_output, entries))
             append_partial(partial, entries)
             done.update({entry["key"]: entry for entry in entries})
-            bar.update(len(batch))
+            bar.update(len(group))
+            finished += len(group)
             if on_batch is not None:
-                on_batch(batch_no, len(mine) - len(todo) + lo + len(batch))
+                on_batch(batch_no, finished)
     finally:
         bar.close()
     shard.wait_for_all()
@@ -240,7 +256,7 @@ def run_benchmark(
         "device_type": device_type,
         "compat": qa.model.config.compat,
         "fingerprint": fingerprint,
-    }
+    } | mcq_identity(options)
     paths = finalize(spec, items, prompts, entries, out, run_info)
     seconds = time.perf_counter() - start
     report = json.loads(paths["report_json"].read_text(encoding="utf-8"))

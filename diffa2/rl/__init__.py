@@ -3,7 +3,8 @@
 Depends on torch only and imports nothing else from diffa2, so another project can vendor this folder unchanged.
 Formulas, defaults and sources: `README.md` beside this file and each module's docstrings.
 
-Registries (`get_*` raises a `ValueError` listing valid names; re-registering a name to another function raises):
+Registries (`get_*` raises a `ValueError` listing valid names; re-registering a name to another function raises;
+`REGISTRY.note(name)` is a name's provenance note, e.g. `reconstructed(...)` for hian, gtpo and scope):
 
 - `get_policy_loss(name)`: per-token policy losses (`policy.py`).
 - `get_aggregation(name)` / `agg_loss`: loss reductions (`aggregation.py`).
@@ -76,7 +77,7 @@ from .preference import (
     preference_metrics,
     register_preference_loss,
 )
-from .registry import FunctionRegistry, RegisteredFn, Registry
+from .registry import FunctionRegistry, RegisteredFn, Registry, reconstructed
 from .spg import SPGEstimator
 from .turns import GTPOConfig, HIANConfig
 
@@ -144,6 +145,7 @@ __all__ = [
     "masking_form",
     "paired_elbo",
     "preference_metrics",
+    "reconstructed",
     "register_advantage_estimator",
     "register_aggregation",
     "register_kl_estimator",

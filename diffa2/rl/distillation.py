@@ -10,6 +10,7 @@ import torch
 from .advantages import AdvantageInputs, AdvantageOutput, broadcast_to_tokens, register_advantage_estimator
 from .aggregation import masked_mean
 from .groups import dense_groups, group_sum
+from .registry import reconstructed
 
 
 def _reverse_kl(inputs: AdvantageInputs, estimator: str) -> torch.Tensor:
@@ -88,7 +89,7 @@ class SCOPEConfig:
     eps: float = 1e-6
 
 
-@register_advantage_estimator("scope", SCOPEConfig)
+@register_advantage_estimator("scope", SCOPEConfig, note=reconstructed("arXiv:2604.10688"))
 def scope_advantage(inputs: AdvantageInputs, *, config: SCOPEConfig) -> AdvantageOutput:
     """Correctness-routed, perplexity-weighted distillation and MLE, as one dense advantage.
 

@@ -2,7 +2,8 @@
 
 A `Registry` maps names to values. Registering a name again with an equal value is a no-op (importing a module
 twice must not fail); binding it to a different value raises, and looking up an unknown name raises a
-`ValueError` that lists the valid names.
+`ValueError` that lists the valid names. A name may carry a provenance note (`note(name)`), e.g. `RECONSTRUCTED`
+for an objective rebuilt from a paper's abstract; `describe(names)` lists names with their notes for `--help`.
 
 A `FunctionRegistry` holds `RegisteredFn` entries: a function together with its typed config dataclass. Calling an
 entry fills in the config's defaults (the reference implementations' values) when no config is given and rejects
@@ -13,12 +14,17 @@ a config of the wrong type, so a trainer resolves an objective by name in one li
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reconstructed(source: str) -> str:
+    """The provenance note of an objective rebuilt from the abstract of `source` (no equation or code was read)."""
+    return f"reconstructed from the abstract of {source}: not the paper's equation, defaults guessed"
 
 
 class Registry(Generic[T]):
@@ -27,12 +33,17 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._notes: dict[str, str] = {}
 
-    def add(self, name: str, value: T) -> None:
-        """Bind `name` to `value`; re-binding it to a different value raises `ValueError`."""
+    def add(self, name: str, value: T, *, note: str = "") -> None:
+        """Bind `name` to `value` with a provenance `note`; re-binding it to another value or note: ValueError."""
         if name in self._items and self._items[name] != value:
             raise ValueError(f"{self.kind} {name!r} is already registered to {self._items[name]!r}")
+        if name in self._items and self._notes.get(name, "") != note:
+            raise ValueError(f"{self.kind} {name!r} is already registered with the note {self.note(name)!r}")
         self._items[name] = value
+        if note:
+            self._notes[name] = note
 
     def get(self, name: str) -> T:
         """The value bound to `name`; an unknown name raises `ValueError` listing the valid ones."""
@@ -41,7 +52,18 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def names(self) -> tuple[str, ...]:
+        """The registered names, sorted."""
         return tuple(sorted(self._items))
+
+    def note(self, name: str) -> str:
+        """The provenance note of `name`: '' when it follows its source's code or README (unknown name: ValueError)."""
+        self.get(name)
+        return self._notes.get(name, "")
+
+    def describe(self, names: Iterable[str] | None = None) -> str:
+        """`names` (default: all) comma-separated, each followed by its provenance note in brackets when it has one."""
+        chosen = self.names() if names is None else tuple(names)
+        return ", ".join(f"{name} [{self.note(name)}]" if self.note(name) else name for name in chosen)
 
 
 @dataclass(frozen=True)
@@ -73,11 +95,11 @@ class RegisteredFn:
 class FunctionRegistry(Registry[RegisteredFn]):
     """A registry of functions with a written, uniform signature (documented where the registry is defined)."""
 
-    def register(self, name: str, config_cls: type | None = None) -> Callable[[F], F]:
-        """Decorator registering a function under `name` with its config class; returns the function unchanged."""
+    def register(self, name: str, config_cls: type | None = None, *, note: str = "") -> Callable[[F], F]:
+        """Decorator registering a function under `name` with its config class (and provenance `note`)."""
 
         def decorate(fn: F) -> F:
-            self.add(name, RegisteredFn(name, fn, config_cls))
+            self.add(name, RegisteredFn(name, fn, config_cls), note=note)
             return fn
 
         return decorate

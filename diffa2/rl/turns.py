@@ -17,6 +17,7 @@ import torch
 
 from .advantages import AdvantageInputs, AdvantageOutput, broadcast_to_tokens, register_advantage_estimator
 from .groups import dense_groups, normalise_in_groups
+from .registry import reconstructed
 
 TurnScope = Literal["group_all_turns", "per_turn_index", "batch"]
 
@@ -59,7 +60,7 @@ class HIANConfig:
     unbiased_std: bool = True
 
 
-@register_advantage_estimator("hian", HIANConfig)
+@register_advantage_estimator("hian", HIANConfig, note=reconstructed("arXiv:2603.01481"))
 def hian_advantage(inputs: AdvantageInputs, *, config: HIANConfig) -> AdvantageOutput:
     """Horizon-Independent Advantage Normalisation: session and turn rewards normalised apart, then fused.
 
@@ -88,7 +89,7 @@ class GTPOConfig:
     unbiased_std: bool = True
 
 
-@register_advantage_estimator("gtpo", GTPOConfig)
+@register_advantage_estimator("gtpo", GTPOConfig, note=reconstructed("arXiv:2602.01675"))
 def gtpo_advantage(inputs: AdvantageInputs, *, config: GTPOConfig) -> AdvantageOutput:
     """Reward differencing plus normalisation: each turn is credited with the improvement it made.
 

@@ -71,6 +71,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def check_content_type(content_type: str) -> None:
+    """A body declared as anything but JSON (a form, say: curl -d's default) is a 415; an undeclared one is read."""
+    if content_type and content_type.split(";")[0].strip().lower() != "application/json":
+        raise RequestError(f"Content-Type {content_type!r} is not application/json: send the body as JSON with "
+                           "'Content-Type: application/json'", status=415, code="unsupported_media_type")
+
+
 def parse_request(body: bytes) -> ChatRequest:
     """JSON body -> ChatRequest, or a 400 naming what is wrong."""
     try:
@@ -149,6 +156,7 @@ def create_app(qa: AudioQA, options: ServeOptions) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request):
+        check_content_type(request.headers.get("content-type", ""))
         chat = parse_request(await read_body(request, limits.max_body_bytes))
         if chat.model != options.model_name:
             raise RequestError(f"model {chat.model!r} is not served here; this server serves "

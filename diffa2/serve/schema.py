@@ -22,7 +22,9 @@ DECODING_FIELDS = ("decode_mode", "gen_length", "block_length", "steps", "thresh
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields, JSON values of the wrong type ("n": "2") and NaN/Infinity are refused, never coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class InputAudio(_Strict):

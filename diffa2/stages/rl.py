@@ -35,7 +35,11 @@ import torch
 from diffa2.data.collate import SFTCollator
 from diffa2.data.dataset import AudioInstructionDataset
 from diffa2.diffusion.decoding import DecodeConfig
+from diffa2.modeling.checkpoint import read_checkpoint_config
+from diffa2.modeling.safe_load import CheckpointError
 from diffa2.rl import (
+    ADVANTAGE_ESTIMATORS,
+    POLICY_LOSSES,
     get_advantage_estimator,
     get_aggregation,
     get_kl_estimator,
@@ -61,6 +65,7 @@ from diffa2.stages.rollout import (
     with_agg_mode,
 )
 from diffa2.stages.runner import DIFFA2Trainer
+from diffa2.validation import OptionError
 
 SUPPORTED_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 # What each refused advantage estimator needs that the stage does not build yet (issue 16, part 3).
@@ -97,11 +102,10 @@ class RLArguments:
         default="count", metadata={"help": "elbo: count (exactly k of L tokens masked, weight L/k) or ratio (each "
                                            "token masked w.p. t, weight 1/t); aliases l = count, t = ratio"}
     )
-    advantage: str = field(default="grpo", metadata={"help": "advantage estimator: grpo, dr_grpo or rloo"})
-    policy_loss: str = field(
-        default="grpo", metadata={"help": "policy loss: vanilla, grpo, dr_grpo, dapo, gspo, cispo, sapo, gppo, "
-                                          "ce_gppo, dgpo or maspo"}
-    )
+    advantage: str = field(default="grpo", metadata={
+        "help": f"advantage estimator: {', '.join(SUPPORTED_ADVANTAGES)}; registered but refused until the stage "
+                f"provides what they need: {ADVANTAGE_ESTIMATORS.describe(REFUSED_ADVANTAGES)}"})
+    policy_loss: str = field(default="grpo", metadata={"help": f"policy loss: {POLICY_LOSSES.describe()}"})
     loss_agg_mode: str | None = field(
         default=None, metadata={"help": "token-mean, seq-mean-token-sum, seq-mean-token-mean or "
                                         "seq-mean-token-sum-norm (default: the policy loss's own)"}
@@ -111,18 +115,20 @@ class RLArguments:
     ppo_epochs: int = field(default=2, metadata={"help": "optimizer steps per rollout batch"})
 
     def __post_init__(self) -> None:
-        get_reward(self.reward)  # unknown names: a ValueError listing the valid ones
-        get_likelihood_estimator(self.likelihood)
-        get_advantage_estimator(self.advantage)
-        get_policy_loss(self.policy_loss)
-        get_kl_estimator(self.kl)
-        if self.loss_agg_mode is not None:
-            get_aggregation(self.loss_agg_mode)
-        DecodeConfig.preset(self.rollout_mode)
+        """Every name is looked up: an unknown one is an `OptionError` naming the flag and listing the valid names."""
+        lookups = [("reward", get_reward), ("likelihood", get_likelihood_estimator),
+                   ("advantage", get_advantage_estimator), ("policy_loss", get_policy_loss), ("kl", get_kl_estimator),
+                   ("loss_agg_mode", get_aggregation), ("rollout_mode", DecodeConfig.preset)]
+        for option, lookup in lookups:
+            try:
+                if getattr(self, option) is not None:
+                    lookup(getattr(self, option))
+            except ValueError as err:
+                raise OptionError(f"--{option}: {err}") from None
         try:
             self.elbo_form = masking_form(self.elbo_form)
         except ValueError as err:
-            raise ValueError(f"--elbo_form: {err}") from None
+            raise OptionError(f"--elbo_form: {err}") from None
 
 
 def rollout_decode(rl: RLArguments, eval_args: EvalArguments) -> DecodeConfig:
@@ -135,8 +141,10 @@ def resolve_objective(rl: RLArguments, decode: DecodeConfig) -> Objective:
     """The registered pieces of the step, or `NotImplementedError` saying what a refused name needs."""
     if rl.advantage not in SUPPORTED_ADVANTAGES:
         need = REFUSED_ADVANTAGES.get(rl.advantage, "inputs the RL stage does not provide")
+        note = ADVANTAGE_ESTIMATORS.note(rl.advantage)
         raise NotImplementedError(f"--advantage {rl.advantage} needs {need}: not built yet in the RL stage; "
-                                  f"choose one of {', '.join(SUPPORTED_ADVANTAGES)}")
+                                  f"choose one of {', '.join(SUPPORTED_ADVANTAGES)}"
+                                  + (f" ({rl.advantage} is {note})" if note else ""))
     estimator_cls = get_likelihood_estimator(rl.likelihood)
     # the model's forward masks answer tokens only, never prompt tokens: d1's and SPG's prompt masking is off
     if rl.likelihood == "d1_one_step":
@@ -328,9 +336,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     try:  # before anything is built: a refused objective or a missing stage-3 checkpoint says what to do
         stage = RLStage(SPEC, model_args, data_args, eval_args, rl_args, train_args)
-        previous_checkpoint(model_args, SPEC, Path(train_args.output_dir))
+        init = previous_checkpoint(model_args, SPEC, Path(train_args.output_dir))
+        if init is not None:
+            read_checkpoint_config(init)
     except (FileNotFoundError, NotImplementedError) as err:
         raise SystemExit(f"error: {err}") from None
+    except CheckpointError as err:
+        raise SystemExit(f"error: --model {err}; expected the folder of a saved DIFFA-2 checkpoint (config.json + "
+                         f"model.safetensors), or --model none to start from the preset") from None
     with refusals_end_the_command():
         return stage.run()
 

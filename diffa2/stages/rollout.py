@@ -14,15 +14,16 @@ in some draw), or into one value per answer (`spg`: `T = 1`, SPG's sandwich of i
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diffa2.chat import ChatFormat
 from diffa2.diffusion.decoding import DecodeConfig, generate
+from diffa2.likelihood import answer_token_logprobs
 from diffa2.rl import (
     AdvantageInputs,
     ElboDraws,
@@ -101,19 +102,6 @@ def sample_group(model, chat: ChatFormat, prompts: PromptBatch, group_size: int,
         model.train(was_training)
 
 
-def answer_logprobs(model, prompts: PromptBatch, answers: torch.Tensor, masks: torch.Tensor,
-                    mask_id: int) -> torch.Tensor:
-    """Log-probabilities `(n, R, L)` of `answers (R, L)` under `masks (n, R, L)` (True = [MASK]), in one call."""
-    n, rows, length = masks.shape
-    targets = answers.expand(n, -1, -1)
-    noisy = torch.where(masks, torch.full_like(targets, mask_id), targets)
-    region = torch.ones(n * rows, length, dtype=torch.bool, device=answers.device)
-    logits = model(prompts.input_features, prompts.feature_lengths, prompts.prompt_ids, prompts.audio_slots,
-                   noisy.flatten(0, 1), region, answers_per_prompt=n * rows // len(prompts.prompt_ids))
-    logp = -F.cross_entropy(logits.float().transpose(1, 2), targets.flatten(0, 1), reduction="none")
-    return logp.view(masks.shape)
-
-
 def likelihood_view(estimator: LikelihoodEstimator, token_logp: torch.Tensor, draws: ElboDraws,
                     advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token values `(R, T)` and the mask of those that carry signal, from `token_logp (n, R, L)`."""
@@ -124,10 +112,21 @@ def likelihood_view(estimator: LikelihoodEstimator, token_logp: torch.Tensor, dr
     return (draws.weights[..., None].to(masked.dtype) * masked).mean(0), draws.masks.any(0)
 
 
+def reward_value(reward: RewardFn, item: RLItem, text: str) -> float:
+    """`reward(item, text)` as a float; a value that is not a real number is an error naming the reward and the value
+    (a NaN or inf is a number: the caller drops it and counts it)."""
+    value = reward(item, text)
+    if not isinstance(value, numbers.Real) and not (isinstance(value, torch.Tensor) and value.numel() == 1):
+        name = getattr(reward, "__name__", repr(reward))
+        raise ValueError(f"reward {name!r} returned {value!r} ({type(value).__name__}) for the answer {text!r}; "
+                        f"a reward must return a real number")
+    return float(value)
+
+
 def score(reward: RewardFn, items: Sequence[RLItem], texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards and MMAU correctness `(R,)` of the answers; row `g·P + p` answers `items[p]`."""
     rows = [(items[r % len(items)], text) for r, text in enumerate(texts)]
-    rewards = torch.tensor([float(reward(item, text)) for item, text in rows], dtype=torch.float)
+    rewards = torch.tensor([reward_value(reward, item, text) for item, text in rows], dtype=torch.float)
     correct = torch.tensor([mc_correct(item, text) for item, text in rows], dtype=torch.float)
     return rewards, correct
 
@@ -156,19 +155,19 @@ def make_rollout(policy, reference, chat: ChatFormat, prompts: PromptBatch, obje
     was_training = policy.training
     policy.eval()
     try:
-        old, mask = likelihood_view(objective.estimator, answer_logprobs(policy, prompts, answers, draws.masks,
-                                                                         chat.ids.mask), draws, advantages)
+        old_logp = answer_token_logprobs(policy, prompts, answers, draws.masks, chat.ids.mask)
     finally:
         policy.train(was_training)
-    ref, _ = likelihood_view(objective.estimator, answer_logprobs(reference, prompts, answers, draws.masks,
-                                                                  chat.ids.mask), draws, advantages)
+    old, mask = likelihood_view(objective.estimator, old_logp, draws, advantages)
+    ref_logp = answer_token_logprobs(reference, prompts, answers, draws.masks, chat.ids.mask)
+    ref, _ = likelihood_view(objective.estimator, ref_logp, draws, advantages)
     mask = mask & torch.isfinite(rewards).to(device)[:, None]
     return Rollout(prompts, answers, texts, rewards, correct, advantages, draws, old, ref, mask)
 
 
 def rollout_loss(model, rollout: Rollout, objective: Objective, mask_id: int) -> tuple[torch.Tensor, dict]:
     """The loss of one update on `rollout`: aggregated policy loss + kl_coef x aggregated KL, and its metrics."""
-    token_logp = answer_logprobs(model, rollout.prompts, rollout.answers, rollout.draws.masks, mask_id)
+    token_logp = answer_token_logprobs(model, rollout.prompts, rollout.answers, rollout.draws.masks, mask_id)
     values, _ = likelihood_view(objective.estimator, token_logp, rollout.draws, rollout.advantages)
     mask = rollout.mask
     advantages = torch.where(mask, rollout.advantages[:, None].expand_as(mask), torch.zeros_like(values))

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffa2.data.collate import PairBatch, PairCollator, PairExample
 from diffa2.data.dataset import PreferenceDataset
 from diffa2.data.recipe import load_split
+from diffa2.likelihood import answer_token_logprobs
 from diffa2.modeling.model import DIFFA2Model
 from diffa2.rl import (
     ElboEstimator,
@@ -95,18 +95,10 @@ class VRPOArguments:
 def answer_logprobs(model, batch: PairBatch, masks: torch.Tensor, mask_id: int) -> torch.Tensor:
     """Log-probabilities `(n, 2P, La)` of the true answer tokens under `masks (n, 2P, La)` (True = [MASK]).
 
-    Rows are the P chosen answers, then the P rejected ones. All n·2P masked answers go through one call of `model`
-    (a DIFFA-2 model, a distributed wrapper of one, or a `Reference`), which computes each pair's speech and
-    prompt prefix once and shares it among its 2n answers.
+    Rows are the P chosen answers, then the P rejected ones: `answer_token_logprobs` over the pairs, so each pair's
+    speech and prompt prefix is computed once and shared among its 2n answers.
     """
-    answers = batch.answers
-    n = masks.shape[0]
-    targets = answers.expand(n, -1, -1)
-    noisy = torch.where(masks, torch.full_like(targets, mask_id), targets)
-    logits = model(batch.input_features, batch.feature_lengths, batch.prompt_ids, batch.audio_slots,
-                   noisy.flatten(0, 1), batch.answer_mask.repeat(2 * n, 1), answers_per_prompt=2 * n)
-    logp = -F.cross_entropy(logits.float().transpose(1, 2), targets.flatten(0, 1), reduction="none")
-    return logp.view(masks.shape)
+    return answer_token_logprobs(model, batch, batch.answers, masks, mask_id, batch.answer_mask.repeat(2, 1))
 
 
 def pair_elbos(
