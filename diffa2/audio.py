@@ -6,6 +6,7 @@ Everything the speech front end needs between a file (or in-memory bytes) and th
   16 kHz with librosa's soxr backend and validate (missing, corrupt, empty, NaN/inf) with one error type.
   With ``max_seconds`` only the start of a long file is decoded (a 2-hour file costs a window of memory).
 * ``trim_to_window``: cut a clip to the encoder window and report whether it was cut.
+* ``split_windows``: cut a clip into consecutive encoder windows (``long_audio: window``, docs/long-audio.md).
 * ``LogMelFeaturizer``: Whisper log-mel features from transformers' ``WhisperFeatureExtractor``, always padded
   to the full window, plus the number of real mel frames per clip.
 
@@ -132,6 +133,32 @@ def trim_to_window(
     if wave.shape[-1] <= max_samples:
         return wave, False
     return wave[..., :max_samples], True
+
+
+LONG_AUDIO_MODES = ("trim", "window")  # a clip over the encoder window: cut to it, or encoded window by window
+DEFAULT_MAX_AUDIO_SECONDS = 120.0  # the longest clip `long_audio: window` encodes unless told otherwise
+
+
+def check_long_audio(mode: str) -> str:
+    """`mode` when it is one of LONG_AUDIO_MODES, else a ValueError naming the allowed ones."""
+    if mode not in LONG_AUDIO_MODES:
+        raise ValueError(f"long_audio must be one of {list(LONG_AUDIO_MODES)}, got {mode!r}")
+    return mode
+
+
+def split_windows(
+    wave: np.ndarray, window_seconds: float, *, max_seconds: float | None = None, sample_rate: int = SAMPLE_RATE
+) -> list[np.ndarray]:
+    """``wave`` cut into consecutive ``window_seconds`` pieces (the last one shorter: the featurizer pads it, as it
+    pads any clip); a clip over ``max_seconds`` is refused, naming its length and the limit."""
+    if window_seconds <= 0:
+        raise ValueError(f"window_seconds must be positive, got {window_seconds}")
+    samples = wave.shape[-1]
+    if max_seconds is not None and samples > int(round(max_seconds * sample_rate)):
+        raise ValueError(f"a {samples / sample_rate:.2f} s clip exceeds max_audio_seconds={max_seconds:g} "
+                         f"(long_audio 'window'); raise the limit or cut the clip")
+    step = int(round(window_seconds * sample_rate))
+    return [wave[..., lo : lo + step] for lo in range(0, max(samples, 1), step)]
 
 
 class LogMelFeaturizer:

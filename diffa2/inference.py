@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffa2.audio import LogMelFeaturizer
+from diffa2.audio import DEFAULT_MAX_AUDIO_SECONDS, LogMelFeaturizer, check_long_audio, split_windows
 from diffa2.chat import COMPAT_MODES, ChatFormat
 from diffa2.diffusion.continuous import ContinuousBatcher
 from diffa2.diffusion.decoding import DEFAULT_MODE, DecodeConfig, StepCallback, generate
 from diffa2.likelihood import DEFAULT_DRAWS, DEFAULT_FORM, QuestionInputs, Scores, score_candidates, scoring_estimator
 from diffa2.modeling.checkpoint import load_pretrained, resolve_source
-from diffa2.modeling.model import DIFFA2Model, Prefix
+from diffa2.modeling.model import DIFFA2Model, Prefix, SpeechEmbeddings
 
 
 @dataclass
@@ -34,18 +34,42 @@ class Answers:
         return self.token_ids.numel() / max(self.seconds, 1e-9)
 
 
+def join_windows(spans: Sequence[torch.Tensor], counts: Sequence[int]) -> SpeechEmbeddings:
+    """Per clip, its `counts[i]` consecutive window spans (`[S_j, D]` each, in order) joined into one span,
+    left-aligned and zero-padded to the longest."""
+    if sum(counts) != len(spans):
+        raise ValueError(f"{len(spans)} window spans for {sum(counts)} windows")
+    rows, lo = [], 0
+    for count in counts:
+        rows.append(torch.cat(list(spans[lo : lo + count]), dim=0))
+        lo += count
+    embeds = rows[0].new_zeros(len(rows), max(r.shape[0] for r in rows), rows[0].shape[1])
+    for i, row in enumerate(rows):
+        embeds[i, : row.shape[0]] = row
+    return SpeechEmbeddings(embeds, torch.tensor([r.shape[0] for r in rows], device=embeds.device))
+
+
 class AudioQA:
     """A model with its tokenizer/chat format and feature extractor, ready to answer.
 
     `compat` ("toolkit" or "reference", docs/reference-compat.md) overrides the model's `config.compat`; the chat
-    format follows the model's setting either way.
+    format follows the model's setting either way. `long_audio` ("trim" or "window", docs/long-audio.md) overrides
+    the model's `config.long_audio` for this AudioQA (and `prefix`/`answer` take a per-call override); windowed
+    clips longer than `max_audio_seconds` are refused.
     """
 
-    def __init__(self, model: DIFFA2Model, chat: ChatFormat, compat: str | None = None) -> None:
+    def __init__(
+        self, model: DIFFA2Model, chat: ChatFormat, compat: str | None = None, *, long_audio: str | None = None,
+        max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS,
+    ) -> None:
         if compat is not None:
             if compat not in COMPAT_MODES:
                 raise ValueError(f"compat must be one of {list(COMPAT_MODES)}, got {compat!r}")
             model.config.compat = compat
+        if not max_audio_seconds > 0:
+            raise ValueError(f"max_audio_seconds must be > 0, got {max_audio_seconds}")
+        self.long_audio = check_long_audio(long_audio or model.config.long_audio)
+        self.max_audio_seconds = float(max_audio_seconds)
         self.model = model.eval()
         self.chat = chat.with_compat(model.config.compat)
         self.featurizer = LogMelFeaturizer(n_mels=model.config.n_mels, window_seconds=model.config.window_seconds)
@@ -53,27 +77,49 @@ class AudioQA:
 
     @classmethod
     def from_checkpoint(
-        cls, directory: str | Path, device: str | torch.device = "cpu", compat: str | None = None
+        cls, directory: str | Path, device: str | torch.device = "cpu", compat: str | None = None, *,
+        long_audio: str | None = None, max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS,
     ) -> AudioQA:
-        """Load a DIFFA-2 checkpoint and the tokenizer it records; `compat` overrides the checkpoint's setting."""
+        """Load a DIFFA-2 checkpoint and the tokenizer it records; `compat` and `long_audio` override the
+        checkpoint's settings."""
         directory = Path(directory)
         model = load_pretrained(directory, device=device)
         tokenizer_dir = resolve_source(model.config.tokenizer_source, directory)
         if tokenizer_dir is None:
             raise ValueError(f"{directory}: config.json records no tokenizer_source")
-        return cls(model, ChatFormat.from_pretrained(tokenizer_dir, model.config.system_prompt), compat)
+        return cls(model, ChatFormat.from_pretrained(tokenizer_dir, model.config.system_prompt), compat,
+                   long_audio=long_audio, max_audio_seconds=max_audio_seconds)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def prefix(self, waves: Sequence[np.ndarray], questions: Sequence[str]) -> Prefix:
-        """Features -> speech embeddings -> prompts with the speech spliced in."""
+    def speech(self, waves: Sequence[np.ndarray], long_audio: str | None = None) -> SpeechEmbeddings:
+        """Features -> speech embeddings, one span per clip. Under `long_audio` "window" (default: this AudioQA's
+        setting) a clip is encoded in consecutive encoder windows, at most one batch of windows per encoder call,
+        and its windows' spans are concatenated in order; "trim" takes clips that fit the window."""
+        if check_long_audio(long_audio or self.long_audio) == "trim":
+            features, lengths = self.featurizer(list(waves))
+            return self.model.encode_speech(features.to(self.device), lengths.to(self.device))
+        if not waves:
+            raise ValueError("AudioQA.speech got an empty batch")
+        window = self.featurizer.window_seconds
+        pieces = [split_windows(np.asarray(w), window, max_seconds=self.max_audio_seconds) for w in waves]
+        flat = [piece for row in pieces for piece in row]
+        spans: list[torch.Tensor] = []
+        for lo in range(0, len(flat), len(waves)):
+            features, lengths = self.featurizer(flat[lo : lo + len(waves)])
+            part = self.model.encode_speech(features.to(self.device), lengths.to(self.device))
+            spans += [part.embeds[j, : int(n)] for j, n in enumerate(part.lengths)]
+        return join_windows(spans, [len(row) for row in pieces])
+
+    @torch.no_grad()
+    def prefix(self, waves: Sequence[np.ndarray], questions: Sequence[str], *, long_audio: str | None = None) -> Prefix:
+        """Features -> speech embeddings -> prompts with the speech spliced in (`speech` for `long_audio`)."""
         if len(waves) != len(questions):
             raise ValueError(f"{len(waves)} clips but {len(questions)} questions")
-        features, lengths = self.featurizer(list(waves))
-        speech = self.model.encode_speech(features.to(self.device), lengths.to(self.device))
+        speech = self.speech(waves, long_audio)
         prompts = [self.chat.encode_prompt(q) for q in questions]
         return self.model.build_prefix([p for p, _ in prompts], [s for _, s in prompts], speech)
 
@@ -90,11 +136,14 @@ class AudioQA:
         *,
         seed: int | Sequence[int] = 0,
         on_step: StepCallback | None = None,
+        long_audio: str | None = None,
     ) -> Answers:
-        """Decode one answer per (clip, question) pair; `config` defaults to the `DEFAULT_MODE` preset."""
+        """Decode one answer per (clip, question) pair; `config` defaults to the `DEFAULT_MODE` preset, `long_audio`
+        to this AudioQA's setting."""
         start = time.perf_counter()
         config = config or DecodeConfig.preset(DEFAULT_MODE)
-        out = generate(self.model, self.prefix(waves, questions), self.chat.ids, config, seed=seed, on_step=on_step)
+        prefix = self.prefix(waves, questions, long_audio=long_audio)
+        out = generate(self.model, prefix, self.chat.ids, config, seed=seed, on_step=on_step)
         texts = [self.chat.decode_answer(row.tolist()) for row in out.token_ids]
         return Answers(texts, out.token_ids, out.nfe, time.perf_counter() - start, out.row_nfe.tolist(), out.seconds)
 
@@ -112,6 +161,7 @@ class AudioQA:
 
         `n_draws` Monte-Carlo draws per candidate, shared by a question's candidates and derived from its seed
         (`seed`: one for every question, or one per question), so a question's scores do not depend on its batch.
+        Each clip is one encoder window (`long_audio` "window" does not apply here: cut clips to the window).
         """
         if not len(waves) == len(questions) == len(candidates):
             raise ValueError(f"{len(waves)} clips, {len(questions)} questions and {len(candidates)} candidate lists")

@@ -163,6 +163,7 @@ RULES: dict[str, Range] = {
     "clients": POSITIVE_INT,  # bench/serve.py
     "requests": POSITIVE_INT,
     # synthetic corpus
+    "long_per_kind": POSITIVE_INT,  # the long-clip split's items per question kind
     "vocab_size": Range(263),  # 256 bytes + the 7 special tokens (diffa2.data.tokenizer.build_tokenizer)
     # every entry point
     "threads": POSITIVE_INT,

@@ -9,6 +9,7 @@ by its own name, since it is about the patterns.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -19,6 +20,9 @@ FORMATTER_MARKER = "# fmt" + ": skip"  # the project does not run a formatter, s
 MAX_LINES = 450  # one job per module: a longer Python file should be split (issue 14)
 SELF = Path(__file__).name
 SKIPPED_DIRS = {"__pycache__", ".pytest_cache", ".ruff_cache"}
+MARKDOWN_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # [text](target): inline links, the only kind the docs use
+CODE = re.compile(r"^```.*?^```|`[^`\n]*`", re.MULTILINE | re.DOTALL)  # fenced blocks and code spans hold no links
+EXTERNAL = ("http://", "https://", "mailto:", "#")
 
 
 def project_files() -> list[Path]:
@@ -78,3 +82,35 @@ def test_no_python_file_over_the_line_budget():
     lines = {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines()) for p in python_files()}
     long = {name: n for name, n in lines.items() if n > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines (split them by job): {long}"
+
+
+def markdown_pages() -> list[Path]:
+    """The pages a reader follows links through: the README and every page of docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def relative_links(page: Path) -> list[str]:
+    """The targets of the page's relative links, without their #fragment, code left out."""
+    prose = CODE.sub("", page.read_text(encoding="utf-8"))
+    targets = (match.group(1) for match in MARKDOWN_LINK.finditer(prose))
+    return [t.split("#", 1)[0] for t in targets if not t.startswith(EXTERNAL)]
+
+
+def test_link_extraction_skips_code_and_external_links(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("[a](docs/a.md#two) [b](https://x.org/b.md) [c](#top) `[d](d.md)`\n"
+                    "```\n[e](e.md)\n```\n[f](../f.md)\n")
+    assert relative_links(page) == ["docs/a.md", "../f.md"]
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    broken = [f"{page.relative_to(ROOT).as_posix()}: {target}" for page in markdown_pages()
+              for target in relative_links(page) if not (page.parent / target).exists()]
+    assert not broken, "relative links to files that do not exist:\n" + "\n".join(broken)
+
+
+def test_index_links_every_docs_page():
+    index = ROOT / "docs" / "index.md"
+    linked = {(index.parent / target).resolve() for target in relative_links(index)}
+    missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if p != index and p.resolve() not in linked]
+    assert not missing, f"docs pages not listed in docs/index.md (add one row each): {missing}"

@@ -126,7 +126,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fpd": {"factor": 1.0, "eos_early_exit": True},
 }
 # The mode `python -m diffa2.eval run` and AudioQA use unless told otherwise: the fastest whose accuracy matched
-# the reference at every length in bench/decode.py ("fast" lost 6 points at 128 tokens; figures in the README).
+# the reference at every length in bench/decode.py ("fast" lost 6 points at 128 tokens; figures in docs/decoding.md §7).
 DEFAULT_MODE = "parallel"
 
 

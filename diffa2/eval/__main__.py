@@ -8,6 +8,8 @@ Real scale:
     python -m diffa2.eval run --benchmark mmsu --model CKPT --data ddwang2000/MMSU
     torchrun --nproc_per_node=8 -m diffa2.eval run --benchmark mmau ...   # one shard per GPU, merged by rank 0
     python -m diffa2.eval score --benchmark mmau --predictions predictions.json --mode normalized
+Long clips, encoded window by window (docs/long-audio.md):
+    python -m diffa2.eval run --benchmark synth --data data/synth/test_long_mmau.json --long_audio window
 Answer scoring (docs/answer-scoring.md):
     python -m diffa2.eval run --benchmark synth --mcq likelihood     # each item's best-scoring choice
     python -m diffa2.eval score_answers --model CKPT --audio A.wav --question Q --candidate "..." --candidate "..."
@@ -20,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffa2.audio import load_audio, trim_to_window
+from diffa2.audio import DEFAULT_MAX_AUDIO_SECONDS, LONG_AUDIO_MODES, load_audio, trim_to_window
 from diffa2.chat import COMPAT_MODES
 from diffa2.cli_flags import add_flag
 from diffa2.diffusion.decoding import DEFAULT_MODE, PRESETS, SPEED_FIELDS, DecodeConfig
@@ -123,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "decoding (generate, the default) or by the choice with the highest ELBO (likelihood; "
                      "docs/answer-scoring.md)")
     _add_draws(run)
+    add_flag(run, "--long_audio", choices=LONG_AUDIO_MODES, help="clips longer than the encoder window: 'trim' "
+             "(cut to the window, DIFFA-2's behaviour) or 'window' (encoded window by window, the spans joined; "
+             "docs/long-audio.md); default: the checkpoint's (trim)")
+    add_flag(run, "--max_audio_seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS,
+             help=f"with --long_audio window: the longest clip encoded, longer ones are cut to it and counted "
+             f"(default: {DEFAULT_MAX_AUDIO_SECONDS:g})")
     add_threads_option(run)
     _add_decoding(run)
 
@@ -174,6 +182,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, limit=args.limit, seed=args.seed, prompt=args.prompt, mode=args.mode,
         profile=args.profile, decoding=decoding, device=args.device, spec_file=args.spec, hf_revision=args.hf_revision,
         progress=not args.no_progress, compat=args.compat, mcq=args.mcq, n_draws=args.n_draws,
+        long_audio=args.long_audio, max_audio_seconds=args.max_audio_seconds,
     )
     run_benchmark(options)
     return 0

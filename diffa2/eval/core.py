@@ -77,24 +77,32 @@ def render_prompts(spec: BenchmarkSpec, items: Sequence[Item]) -> list[str]:
     return [template(item.question, item.choices) for item in items]
 
 
-def _load_wave(item: Item, window: float) -> Any:
-    """The item's clip, decoded only as far as the model's window (a 2-hour file costs a window of memory)."""
+def audio_limit(qa: Any) -> float:
+    """The seconds of a clip the model hears: its encoder window, or under `long_audio` "window" the AudioQA's
+    `max_audio_seconds` (docs/long-audio.md); a stand-in without `long_audio` trims."""
+    if getattr(qa, "long_audio", "trim") == "window":
+        return float(qa.max_audio_seconds)
+    return float(qa.model.config.window_seconds)
+
+
+def _load_wave(item: Item, limit: float) -> Any:
+    """The item's clip, decoded only as far as `limit` seconds (a 2-hour file costs a window of memory)."""
     where = item.record.where
     if item.audio.data is not None:
-        return decode_audio_bytes(item.audio.data, name=item.audio.label, where=where, max_seconds=window)
-    return load_audio(item.audio.path, where=where, max_seconds=window)
+        return decode_audio_bytes(item.audio.data, name=item.audio.label, where=where, max_seconds=limit)
+    return load_audio(item.audio.path, where=where, max_seconds=limit)
 
 
-def _prepare(item: Item, window: float, seed: int) -> tuple[dict[str, Any], Any]:
-    """The item's entry (id, seed, audio status) and its trimmed wave, or None when the audio is missing or
-    unreadable (the entry then says why in `audio_error`)."""
+def _prepare(item: Item, limit: float, seed: int) -> tuple[dict[str, Any], Any]:
+    """The item's entry (id, seed, audio status) and its wave trimmed to `limit` seconds, or None when the audio is
+    missing or unreadable (the entry then says why in `audio_error`)."""
     entry: dict[str, Any] = {"id": item.id, "seed": item_seed(seed, item.id)}
     try:
-        wave = _load_wave(item, window)
+        wave = _load_wave(item, limit)
     except AudioError as exc:
         missing = item.audio.path is not None and not item.audio.path.exists()
         return entry | {"audio_status": "missing" if missing else "unreadable", "audio_error": str(exc)}, None
-    wave, trimmed = trim_to_window(wave, window)
+    wave, trimmed = trim_to_window(wave, limit)
     return entry | {"audio_status": "ok", "trimmed": trimmed}, wave
 
 
@@ -113,8 +121,8 @@ def decode_batch(
     the best-scoring choice as `output` and every choice's ELBO in `choice_elbos` (`mcq` "likelihood", `n_draws`
     draws per choice)."""
     check_mcq(mcq)
-    window = float(qa.model.config.window_seconds)
-    prepared = [_prepare(item, window, seed) for item in items]
+    limit = audio_limit(qa)
+    prepared = [_prepare(item, limit, seed) for item in items]
     entries = [entry for entry, _ in prepared]
     rows = [r for r, (_, wave) in enumerate(prepared) if wave is not None]
     waves = [prepared[r][1] for r in rows]
@@ -147,13 +155,13 @@ def decode_items(
             yield list(enumerate(decode_batch(qa, items[lo : lo + batch_size], prompts[lo : lo + batch_size],
                                               decode, seed, mcq=mcq, n_draws=n_draws), lo))
         return
-    window = float(qa.model.config.window_seconds)
+    limit = audio_limit(qa)
     entries: dict[int, dict[str, Any]] = {}
     ready: list[tuple[int, dict[str, Any]]] = []  # finished, not yet yielded
 
     def jobs() -> Iterator[tuple[int, DecodeJob]]:
         for i, item in enumerate(items):  # audio is read only when a slot is free
-            entries[i], wave = _prepare(item, window, seed)
+            entries[i], wave = _prepare(item, limit, seed)
             if wave is None:
                 ready.append((i, entries[i]))
             else:

@@ -26,7 +26,8 @@ Audio. Missing or unreadable audio is recorded (``audio_error`` in the predictio
 the official scripts count as they do: MMAU's and MMAR's skip the record, MMSU's counts it wrong; strict mode
 counts it wrong), named in the report's warnings, and retried by the next run of the same command. A run that finds
 not one of its audio files (a wrong ``--audio_root``) stops before loading the model. Clips longer than the model's
-window are trimmed and counted.
+window are trimmed and counted; under ``--long_audio window`` they are encoded window by window up to
+``--max_audio_seconds`` (longer ones are trimmed to it and counted; docs/long-audio.md).
 
 One run per output folder: rank 0 holds a lock file naming its PID and host (``diffa2.run_lock``) while it runs;
 a second run into the same folder is refused.
@@ -44,7 +45,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffa2.eval.core import check_mcq, decode_items, load_items, render_prompts, resolve_data, score_entries
+from diffa2.audio import DEFAULT_MAX_AUDIO_SECONDS, check_long_audio
+from diffa2.eval.core import (
+    audio_limit,
+    check_mcq,
+    decode_items,
+    load_items,
+    render_prompts,
+    resolve_data,
+    score_entries,
+)
 from diffa2.eval.loaders import DataError, Item, write_predictions
 from diffa2.eval.prompts import get_prompt
 from diffa2.eval.report import build_report, format_table, write_report
@@ -79,6 +89,8 @@ class RunOptions:
     progress: bool = True
     mcq: str = "generate"  # "likelihood": the best-scoring choice instead of a decoded answer (core.decode_batch)
     n_draws: int = DEFAULT_DRAWS  # ELBO draws per choice when mcq is "likelihood"
+    long_audio: str | None = None  # "trim" or "window" (docs/long-audio.md); default: the checkpoint's
+    max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS  # the longest clip "window" encodes; longer ones are cut
 
 
 @dataclass
@@ -130,6 +142,25 @@ def mcq_identity(options: RunOptions) -> dict[str, Any]:
     return {} if options.mcq == "generate" else {"mcq": options.mcq, "n_draws": options.n_draws}
 
 
+def long_audio_identity(qa: Any) -> dict[str, Any]:
+    """The long-audio handling in a run's identity: absent for trimming (earlier runs keep their fingerprint), else
+    the mode and its limit."""
+    if getattr(qa, "long_audio", "trim") == "trim":
+        return {}
+    return {"long_audio": qa.long_audio, "max_audio_seconds": audio_limit(qa)}
+
+
+def check_long_audio_options(options: RunOptions) -> None:
+    """Refuse an unknown `long_audio`, and windowed audio under likelihood answering (which scores one window)."""
+    if options.long_audio is not None:
+        check_long_audio(options.long_audio)
+        if options.long_audio == "window" and options.mcq == "likelihood":
+            raise ValueError("--long_audio window is not supported with --mcq likelihood (answer scoring encodes "
+                             "one window per clip); use --long_audio trim or --mcq generate")
+    if not options.max_audio_seconds > 0:
+        raise ValueError(f"--max_audio_seconds must be > 0, got {options.max_audio_seconds}")
+
+
 def resolve_spec(options: RunOptions, release: str | None = None) -> BenchmarkSpec:
     """The spec with its decoding profile (`options.profile`, else the default for `release`) and the overrides."""
     spec = load_spec(options.benchmark, options.spec_file)
@@ -162,6 +193,7 @@ def run_benchmark(
     if options.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {options.batch_size}")
     check_mcq(options.mcq)
+    check_long_audio_options(options)
     out = Path(options.out or f"runs/eval/{spec.name}")
     shard = Shard.from_env()
 
@@ -176,7 +208,10 @@ def run_benchmark(
         from diffa2.inference import AudioQA
 
         qa = AudioQA.from_checkpoint(options.model, device=options.device or shard.default_device(),
-                                     compat=options.compat)
+                                     compat=options.compat, long_audio=options.long_audio,
+                                     max_audio_seconds=options.max_audio_seconds)
+    elif options.long_audio is not None:
+        qa.long_audio, qa.max_audio_seconds = options.long_audio, options.max_audio_seconds
     spec = resolve_spec(options, model_release(qa.model))  # the profile depends on the model
     device_type = str(getattr(qa, "device", options.device or "cpu")).split(":")[0]
     window = float(qa.model.config.window_seconds)
@@ -194,7 +229,7 @@ def run_benchmark(
         "seed": options.seed,
         "window_seconds": window,
         "device_type": device_type,
-    } | compat_identity(qa.model.config.compat, options.compat) | mcq_identity(options)
+    } | compat_identity(qa.model.config.compat, options.compat) | mcq_identity(options) | long_audio_identity(qa)
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     stem = f"{spec.name}-{fingerprint}"
     partial = shard.log_path(out / "partial", stem)
@@ -256,7 +291,7 @@ def run_benchmark(
         "device_type": device_type,
         "compat": qa.model.config.compat,
         "fingerprint": fingerprint,
-    } | mcq_identity(options)
+    } | mcq_identity(options) | long_audio_identity(qa)
     paths = finalize(spec, items, prompts, entries, out, run_info)
     seconds = time.perf_counter() - start
     report = json.loads(paths["report_json"].read_text(encoding="utf-8"))

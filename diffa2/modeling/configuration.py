@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from transformers import PreTrainedConfig
 
+from diffa2.audio import check_long_audio
 from diffa2.chat import COMPAT_MODES, DEFAULT_SYSTEM_PROMPT
 
 # 2: `stage` (1|2) became `speech_path`; `compat`, `training_system_prompt` and `release` added.
@@ -95,6 +96,9 @@ class DIFFA2Config(PreTrainedConfig):
     training_system_prompt: str | None = None
     # "toolkit": batch-safe inference with the toolkit's fixes; "reference": DIFFA-2's released code's behaviour.
     compat: str = "toolkit"
+    # A clip over the encoder window at inference: "trim" (cut to the window, DIFFA-2's behaviour) or "window"
+    # (encoded window by window, the speech spans concatenated; docs/long-audio.md).
+    long_audio: str = "trim"
     release: str | None = None  # where an imported DIFFA-2 release came from (None: trained by this toolkit)
     lora: LoraSettings | dict | None = None
     format_version: int = FORMAT_VERSION
@@ -114,6 +118,7 @@ class DIFFA2Config(PreTrainedConfig):
         self.speech_path = speech_path_of(self.speech_path)
         if self.compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {list(COMPAT_MODES)}, got {self.compat!r}")
+        check_long_audio(self.long_audio)
         if self.tap_layers is None:
             self.tap_layers = list(WHISPER_LARGE_V3_TAPS)
         layers = int(self.encoder["encoder_layers"])

@@ -1,7 +1,7 @@
 """The DIFFA-2 curriculum: stage 1 (semantic) -> 2 (acoustic) -> 3 (SFT) -> 4 (VRPO), each from the previous one.
 
 Embedded default (tiny model, synthetic corpus, CPU; about 30 min on 2 cores, 98.6 % on the synthetic test split
-after stage 3 against 95.6 % for `python -m diffa2.stages.sft` alone: README, "The full curriculum"):
+after stage 3 against 95.6 % for `python -m diffa2.stages.sft` alone: docs/training.md §2):
     python -m diffa2.stages.curriculum
 Options after `--` go to every stage, e.g. `python -m diffa2.stages.curriculum -- --synth_dir /tmp/synth`.
 """

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from diffa2.cli_flags import add_flag
 from diffa2.data.synth.build import SIZES, SynthCorpus, build_synth_corpus, is_complete
 from diffa2.data.synth.constants import DEFAULT_CORPUS_DIR, DEFAULT_VOCAB_SIZE, SPLITS, STAGES
+from diffa2.data.synth.long import build_long_split
 from diffa2.threads import add_threads_option, apply_threads
 from diffa2.validation import parse_checked
 
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_VOCAB_SIZE,
         help=f"tokenizer vocabulary bound (default: {DEFAULT_VOCAB_SIZE})",
     )
+    parser.add_argument("--long", action="store_true", help="only write the long-clip split (test_long_mmau.json and "
+                        "audio_long/ under --out: each test cue in window 2 or 3 of a 12 s clip; docs/long-audio.md)")
+    add_flag(parser, "--long_per_kind", type=int, default=20,
+             help="with --long: items per question kind (default: 20)")
     add_threads_option(parser)
     return parser
 
@@ -76,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_checked(build_parser(), argv)
     apply_threads(args.threads)
+    if args.long:
+        manifest = build_long_split(args.out, seed=args.seed, per_kind=args.long_per_kind)
+        print(f"long-clip split: {manifest.resolve()}")
+        return 0
     size = "small" if args.small else args.size
     t0 = time.perf_counter()
     skipped = args.if_missing and is_complete(args.out, args.seed, size, vocab_size=args.vocab_size)
