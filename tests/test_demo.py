@@ -38,16 +38,11 @@ from diffa2.demo.answer import (
     model_info,
     render_canvas,
 )
-from diffa2.demo.checkpoints import (
-    checkpoint_choices,
-    count_label,
-    default_checkpoint,
-    find_checkpoints,
-    is_embedded_default,
-)
+from diffa2.demo.checkpoints import count_label
 from diffa2.demo.examples import EXAMPLE_QUESTIONS, example_clips
 from diffa2.demo.training import TrainingFailed, parse_progress, run_training
 from diffa2.diffusion.decoding import DEFAULT_MODE, PRESETS, DecodeConfig
+from diffa2.runs import checkpoint_choices, default_checkpoint, find_checkpoints, is_embedded_default
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = DecodeSettings(gen_length=8, block_length=8, steps=4)  # four forward passes per answer

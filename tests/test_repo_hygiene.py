@@ -8,6 +8,8 @@ by its own name, since it is about the patterns.
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import os
 import re
 import subprocess
@@ -114,3 +116,50 @@ def test_index_links_every_docs_page():
     linked = {(index.parent / target).resolve() for target in relative_links(index)}
     missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if p != index and p.resolve() not in linked]
     assert not missing, f"docs pages not listed in docs/index.md (add one row each): {missing}"
+
+
+# -- the import graph ------------------------------------------------------------------------------------------
+# Units are diffa2's top-level modules and subpackages. Data flows one way (audio/chat -> modeling -> diffusion ->
+# inference -> stages/eval/serve/demo); `rl` is a torch-only library another project can vendor unchanged.
+
+
+def unit_imports() -> dict[str, set[str]]:
+    """For each unit of the diffa2 package, the other units its modules import (function-level imports included)."""
+    package = ROOT / "diffa2"
+    graph: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        module = parts[:-1] if parts[-1] == "__init__" else parts
+        unit = module[1] if len(module) > 1 else "__init__"
+        targets = graph.setdefault(unit, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = list(module if path.name == "__init__.py" else module[:-1])
+                if node.level:
+                    base = base[: len(base) - node.level + 1] + ([node.module] if node.module else [])
+                    names = [".".join(base)]
+                else:
+                    names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                pieces = name.split(".")
+                if pieces[0] == "diffa2" and len(pieces) > 1 and pieces[1] != unit:
+                    targets.add(pieces[1])
+    return graph
+
+
+def test_the_import_graph_of_the_package_has_no_cycle():
+    graph = unit_imports()
+    assert {"audio", "chat", "modeling", "diffusion", "rl", "stages", "eval", "serve", "demo"} <= graph.keys()
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as err:
+        raise AssertionError(f"import cycle between diffa2 units: {err.args[1]}") from None
+    assert order.index("modeling") < order.index("diffusion") < order.index("inference") < order.index("serve")
+
+
+def test_the_rl_library_imports_nothing_else_from_diffa2():
+    assert unit_imports()["rl"] == set()

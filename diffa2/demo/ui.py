@@ -21,11 +21,12 @@ from diffa2.demo.answer import (
     model_info,
     warm_up,
 )
-from diffa2.demo.checkpoints import NO_CHECKPOINT_HELP, checkpoint_choices, default_checkpoint
+from diffa2.demo.checkpoints import NO_CHECKPOINT_HELP
 from diffa2.demo.evaluation import evaluate_checkpoint, format_evaluation
 from diffa2.demo.examples import EXAMPLE_QUESTIONS, example_clips
 from diffa2.demo.training import TrainingFailed, run_training, tiny_default_command
 from diffa2.diffusion.decoding import DEFAULT_MODE, PRESETS
+from diffa2.runs import checkpoint_choices, default_checkpoint
 
 logger = logging.getLogger(__name__)
 

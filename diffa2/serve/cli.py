@@ -72,8 +72,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     apply_threads(args.threads)
     import uvicorn  # the server stack is imported only once --help has been handled
 
-    from diffa2.demo.checkpoints import default_checkpoint
     from diffa2.inference import AudioQA
+    from diffa2.runs import default_checkpoint
     from diffa2.serve.app import ServeOptions, create_app
 
     checkpoint = default_checkpoint(args.runs_dir, args.model)
