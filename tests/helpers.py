@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import os
 import signal
 import subprocess
+import sys
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -89,3 +92,20 @@ def sigkill_process_tree(process: subprocess.Popen, timeout: float = 10.0) -> li
         assert time.monotonic() < deadline, f"processes of {tree} still alive {timeout} s after SIGKILL"
         time.sleep(0.01)
     return tree
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of `bench/<name>.py` (bench scripts are files, not package modules)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+def bench_parsers() -> dict[str, argparse.ArgumentParser]:
+    """`bench/<name>` -> its parser, for every script in bench/."""
+    return {f"bench/{path.stem}": bench_parser(path.stem) for path in sorted(BENCH.glob("*.py"))}

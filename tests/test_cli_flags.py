@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import bench_parser, bench_parsers
 
 from diffa2 import rl
 from diffa2.cli_flags import add_flag
@@ -26,22 +24,12 @@ from diffa2.stages.cli import SFT_ARG_TYPES
 from diffa2.stages.curriculum import refuse_clobbering
 from diffa2.validation import parse_checked
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def bench_parser(name: str) -> argparse.ArgumentParser:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module.build_parser()
-
 
 def every_parser() -> dict[str, argparse.ArgumentParser]:
     """Every argparse command line, sub-commands included."""
     tops = {"eval": eval_parser(), "convert": convert_parser(), "demo": demo_parser(), "synth": synth_parser(),
             "serve": serve_parser()}
-    tops |= {f"bench/{path.stem}": bench_parser(path.stem) for path in sorted(BENCH.glob("*.py"))}
+    tops |= bench_parsers()
     parsers = {}
     for name, parser in tops.items():
         parsers[name] = parser

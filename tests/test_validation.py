@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
-import sys
 import typing
-from pathlib import Path
 
 import pytest
-from helpers import small_run_args
+from helpers import bench_parser, bench_parsers, small_run_args
 
 from diffa2.data.synth import build_parser as synth_parser
 from diffa2.data.tokenizer import SPECIAL_TOKENS
@@ -26,22 +23,12 @@ from diffa2.stages.vrpo import VRPOArguments
 from diffa2.threads import ThreadArguments
 from diffa2.validation import RULES, OptionError, Range, check_args, option_flags
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 OUR_DATACLASSES = (ModelArguments, DataArguments, EvalArguments, VRPOArguments, RLArguments, ThreadArguments)
-
-
-def bench_parser(name: str) -> argparse.ArgumentParser:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module.build_parser()
 
 
 def argparse_entry_points() -> dict[str, argparse.ArgumentParser]:
     parsers = {"eval": eval_parser(), "demo": demo_parser(), "synth": synth_parser(), "serve": serve_parser()}
-    return parsers | {f"bench/{n}": bench_parser(n) for n in ("decode", "vrpo_variance", "memory_estimate", "serve",
-                                                               "eval_parity")}
+    return parsers | bench_parsers()
 
 
 def numeric_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from diffa2.diffusion.continuous import ContinuousBatcher, DecodeJob, JobResult
+from diffa2.diffusion.continuous import DecodeJob, JobResult
 from diffa2.inference import AudioQA
 from diffa2.serve.audio import RequestError, decode_input_audio
 from diffa2.serve.planning import Defaults, decode_config, read_conversation
@@ -99,9 +99,7 @@ def finish_reason(token_ids: list[int], stops: set[int]) -> tuple[str, int]:
 
 def create_app(qa: AudioQA, options: ServeOptions) -> FastAPI:
     """The server's ASGI app for `qa`; its lifespan starts and stops the batcher thread."""
-    batcher = ContinuousBatcher(qa.model, qa.chat.ids, lambda items: qa.prefix([w for w, _ in items],
-                                                                               [q for _, q in items]),
-                                max_batch=options.max_batch, max_wait_ms=options.max_wait_ms)
+    batcher = qa.batcher(max_batch=options.max_batch, max_wait_ms=options.max_wait_ms)
     stops = {qa.chat.ids.eos, qa.chat.ids.eot}
     limits = options.limits
 
