@@ -1,4 +1,8 @@
-"""Answer questions about audio with a DIFFA-2 checkpoint: waveforms + questions in, texts + NFE out."""
+"""Answer questions about audio with a DIFFA-2 checkpoint: waveforms + questions in, texts + NFE out.
+
+A question is an instruction about one clip, or a `Conversation` (earlier turns, any number of clips; its clips
+are given as a list of waveforms in the clip's row of `waves`, in order; docs/conversations.md).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import numpy as np
 import torch
 
 from diffa2.audio import DEFAULT_MAX_AUDIO_SECONDS, LogMelFeaturizer, check_long_audio, split_windows
-from diffa2.chat import COMPAT_MODES, ChatFormat
+from diffa2.chat import COMPAT_MODES, ChatFormat, Conversation, Question
 from diffa2.diffusion.continuous import ContinuousBatcher
 from diffa2.diffusion.decoding import DEFAULT_MODE, DecodeConfig, StepCallback, generate
 from diffa2.likelihood import DEFAULT_DRAWS, DEFAULT_FORM, QuestionInputs, Scores, score_candidates, scoring_estimator
@@ -47,6 +51,26 @@ def join_windows(spans: Sequence[torch.Tensor], counts: Sequence[int]) -> Speech
     for i, row in enumerate(rows):
         embeds[i, : row.shape[0]] = row
     return SpeechEmbeddings(embeds, torch.tensor([r.shape[0] for r in rows], device=embeds.device))
+
+
+Clips = np.ndarray | Sequence[np.ndarray]  # a row of `waves`: one clip, or a conversation's clips in order
+
+
+def row_clips(waves: Sequence[Clips], questions: Sequence[Question]) -> list[np.ndarray]:
+    """Every row's clips in order, flat: one per instruction, a conversation's list (its clip count) otherwise."""
+    if len(waves) != len(questions):
+        raise ValueError(f"{len(waves)} clips but {len(questions)} questions")
+    flat: list[np.ndarray] = []
+    for i, (wave, question) in enumerate(zip(waves, questions, strict=True)):
+        if not isinstance(question, Conversation):
+            flat.append(wave)
+            continue
+        clips = [wave] if isinstance(wave, np.ndarray) else list(wave)
+        if len(clips) != len(question.clips):
+            raise ValueError(f"row {i}: the conversation has {len(question.clips)} clip(s) but {len(clips)} "
+                             "waveform(s) were given")
+        flat += clips
+    return flat
 
 
 class AudioQA:
@@ -115,31 +139,32 @@ class AudioQA:
         return join_windows(spans, [len(row) for row in pieces])
 
     @torch.no_grad()
-    def prefix(self, waves: Sequence[np.ndarray], questions: Sequence[str], *, long_audio: str | None = None) -> Prefix:
-        """Features -> speech embeddings -> prompts with the speech spliced in (`speech` for `long_audio`)."""
-        if len(waves) != len(questions):
-            raise ValueError(f"{len(waves)} clips but {len(questions)} questions")
-        speech = self.speech(waves, long_audio)
-        prompts = [self.chat.encode_prompt(q) for q in questions]
+    def prefix(
+        self, waves: Sequence[Clips], questions: Sequence[Question], *, long_audio: str | None = None
+    ) -> Prefix:
+        """Features -> speech embeddings -> prompts with the speech spliced in (`speech` for `long_audio`); a
+        conversation's row of `waves` is its list of clips."""
+        prompts = [self.chat.encode(q) for q in questions]
+        speech = self.speech(row_clips(waves, questions), long_audio)
         return self.model.build_prefix([p for p, _ in prompts], [s for _, s in prompts], speech)
 
     def batcher(self, *, max_batch: int = 8, max_wait_ms: float = 5.0) -> ContinuousBatcher:
-        """A continuous batcher over this model whose jobs' inputs are (wave, question) pairs."""
+        """A continuous batcher over this model whose jobs' inputs are (wave(s), question or conversation) pairs."""
         return ContinuousBatcher(self.model, self.chat.ids, lambda pairs: self.prefix(*zip(*pairs, strict=True)),
                                  max_batch=max_batch, max_wait_ms=max_wait_ms)
 
     def answer(
         self,
-        waves: Sequence[np.ndarray],
-        questions: Sequence[str],
+        waves: Sequence[Clips],
+        questions: Sequence[Question],
         config: DecodeConfig | None = None,
         *,
         seed: int | Sequence[int] = 0,
         on_step: StepCallback | None = None,
         long_audio: str | None = None,
     ) -> Answers:
-        """Decode one answer per (clip, question) pair; `config` defaults to the `DEFAULT_MODE` preset, `long_audio`
-        to this AudioQA's setting."""
+        """Decode one answer per (clip, question) pair, or per (clips, conversation) pair: the answer to its last user
+        turn; `config` defaults to the `DEFAULT_MODE` preset, `long_audio` to this AudioQA's setting."""
         start = time.perf_counter()
         config = config or DecodeConfig.preset(DEFAULT_MODE)
         prefix = self.prefix(waves, questions, long_audio=long_audio)
@@ -149,15 +174,16 @@ class AudioQA:
 
     def score(
         self,
-        waves: Sequence[np.ndarray],
-        questions: Sequence[str],
+        waves: Sequence[Clips],
+        questions: Sequence[Question],
         candidates: Sequence[Sequence[str]],
         *,
         n_draws: int = DEFAULT_DRAWS,
         seed: int | Sequence[int] = 0,
         form: str = DEFAULT_FORM,
     ) -> Scores:
-        """Each candidate answer's ELBO under the model, per (clip, question) pair (`diffa2.likelihood`).
+        """Each candidate answer's ELBO under the model, per (clip, question) or (clips, conversation) pair
+        (`diffa2.likelihood`).
 
         `n_draws` Monte-Carlo draws per candidate, shared by a question's candidates and derived from its seed
         (`seed`: one for every question, or one per question), so a question's scores do not depend on its batch.
@@ -169,12 +195,14 @@ class AudioQA:
         if len(seeds) != len(questions):
             raise ValueError(f"{len(seeds)} seeds for {len(questions)} questions")
         estimator = scoring_estimator(n_draws, form)
-        features, lengths = self.featurizer(list(waves))
+        features, lengths = self.featurizer(row_clips(waves, questions))
         features, lengths = features.to(self.device), lengths.to(self.device)
-        elbos, tokens = [], []
+        elbos, tokens, lo = [], [], 0
         for q, (question, texts) in enumerate(zip(questions, candidates, strict=True)):
-            prompt_ids, slot = self.chat.encode_prompt(question)
-            inputs = QuestionInputs(features[q : q + 1], lengths[q : q + 1], [prompt_ids], [slot])
+            prompt_ids, slot = self.chat.encode(question)
+            hi = lo + (len(question.clips) if isinstance(question, Conversation) else 1)
+            inputs = QuestionInputs(features[lo:hi], lengths[lo:hi], [prompt_ids], [slot])
+            lo = hi
             ids = [self.chat.encode_answer(text) for text in texts]
             values = score_candidates(self.model, inputs, ids, self.chat.ids.mask, self.chat.ids.eos, estimator,
                                       seeds[q])

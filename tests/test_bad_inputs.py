@@ -134,6 +134,21 @@ def benchmark_row(records: list[dict], suffix: str, benchmark: str) -> Callable[
     return run
 
 
+def conversation_item(history: object) -> Callable[[Ctx], object]:
+    """A synth benchmark file whose one record carries `history` (docs/conversations.md), loaded for a run."""
+
+    def run(ctx: Ctx) -> object:
+        from diffa2.eval.core import load_items
+
+        record = {"id": "c1", "audio_id": "a.wav", "question": "Which?", "choices": ["one", "two"], "answer": "one",
+                  "history": history}
+        path = ctx.tmp / "multiturn.json"
+        path.write_text(json.dumps([record]))
+        return load_items(load_spec("synth"), path, ctx.tmp)
+
+    return run
+
+
 def eval_without_audio(ctx: Ctx) -> object:
     from diffa2.eval.runner import RunOptions, run_benchmark
 
@@ -175,12 +190,44 @@ CASES = [
     Case("manifest: not UTF-8", "skipped", "train.jsonl:2: not UTF-8 text", manifest_row(b'{"input": "\xff"}')),
     Case("manifest: path outside the audio root", "skipped",
          "is outside the audio root", manifest_row(json.dumps(record(audio="../../etc/passwd")))),
+    # multi-turn records (docs/conversations.md): skipped like any bad record, the message says what is wrong
+    Case("manifest: multi-turn ending with a user turn", "skipped",
+         "train.jsonl:2: multi-turn record: field 'messages': the last turn must be the assistant's answer",
+         manifest_row(json.dumps({"messages": [{"role": "user", "content": [
+             {"type": "audio", "audio": "good.wav"}, {"type": "text", "text": "q"}]}]}))),
+    Case("manifest: multi-turn pair without its answer", "skipped",
+         "train.jsonl:2: multi-turn record: field 'conversation'[1] must be an object with string fields "
+         "['input', 'target']",
+         manifest_row(json.dumps({"audio_filepath": "good.wav", "conversation": [
+             {"input": "q1", "target": "a1"}, {"input": "q2"}]}))),
+    Case("manifest: multi-turn audio part without a path", "skipped",
+         "train.jsonl:2: multi-turn record: messages[0].content[0] must be {'type': 'text', 'text': str} or "
+         "{'type': 'audio', 'audio': path}",
+         manifest_row(json.dumps({"messages": [{"role": "user", "content": [{"type": "audio"}, "q"]},
+                                               {"role": "assistant", "content": "a"}]}))),
+    Case("manifest: multi-turn without a clip", "skipped",
+         "train.jsonl:2: multi-turn record: field 'messages': every audio part must be a path string or an HF "
+         "audio cell, and the conversation needs at least one clip",
+         manifest_row(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                               {"role": "assistant", "content": "a"}]}))),
+    Case("manifest: multi-turn clip outside the audio root", "skipped", "is outside the audio root",
+         manifest_row(json.dumps({"messages": [
+             {"role": "user", "content": [{"type": "audio", "audio": "good.wav"}, "q1"]},
+             {"role": "assistant", "content": "a1"},
+             {"role": "user", "content": [{"type": "audio", "audio": "../../etc/passwd"}, "q2"]},
+             {"role": "assistant", "content": "a2"}]}))),
     # benchmark files
     Case("benchmark: MMAR metadata as MMAU", "error",
          "every record has the fields of mmar_jsonl data (audio_path, modality), not of mmau_json (mmau): wrong "
          "benchmark? use --benchmark mmar", benchmark_row([MMAR_RECORD], ".jsonl", "mmau")),
     Case("benchmark: MMSU metadata as MMAR", "error", "wrong benchmark? use --benchmark mmsu",
          benchmark_row([MMSU_RECORD], ".jsonl", "mmar")),
+    Case("benchmark: conversation history ending with a question", "error",
+         "multiturn.json[0]: field 'history' holds user/assistant turns ending with an answer",
+         conversation_item([{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}, "q"]}])),
+    Case("benchmark: conversation history with a bad part", "error",
+         "multiturn.json[0]: field 'history': messages[0].content[0] must be {'type': 'text', 'text': str}",
+         conversation_item([{"role": "user", "content": [{"type": "image"}]}])),
     Case("benchmark: no audio under --audio-root", "error", "none of the 1 audio files was found under ",
          eval_without_audio),
 ]

@@ -144,7 +144,8 @@ def test_predictions_round_trip_both_formats(tmp_path):
 
 def test_every_shipped_yaml_loads_complete():
     files = sorted(SPEC_DIR.glob("*.yaml"))
-    assert [f.name for f in files] == ["mmar.yaml", "mmau.yaml", "mmau_r1_aqa.yaml", "mmsu.yaml", "synth.yaml"]
+    assert [f.name for f in files] == ["mmar.yaml", "mmau.yaml", "mmau_r1_aqa.yaml", "mmsu.yaml", "synth.yaml",
+                                       "synth_multiturn.yaml"]
     assert benchmark_names() == ("mmar", "mmau", "mmsu", "synth")  # the variant is chosen with --spec
     for f in files:
         spec = load_spec_file(f)

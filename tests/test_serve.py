@@ -17,6 +17,7 @@ import uvicorn
 from helpers import clip
 
 from diffa2.audio import decode_audio_bytes
+from diffa2.chat import AudioRef, Conversation, Turn
 from diffa2.diffusion.decoding import DecodeConfig
 from diffa2.inference import AudioQA
 from diffa2.serve.app import ServeOptions, create_app
@@ -113,6 +114,21 @@ def test_text_and_audio_answer_equals_audioqa(client, qa):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
+def test_two_turn_conversation_with_two_clips_equals_audioqa(client, qa):
+    first, second = wav_bytes(0.6, freq=300), wav_bytes(0.9, freq=900)
+    messages = [*user(audio_part(first)), {"role": "assistant", "content": "low"},
+                {"role": "user", "content": [{"type": "text", "text": "Which clip is higher?"}, audio_part(second)]}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
+                                           extra_body={"decode_mode": "reference"})
+    conversation = Conversation((Turn("user", (AudioRef(), QUESTION)), Turn("assistant", ("low",)),
+                                 Turn("user", (AudioRef(), "Which clip is higher?"))))
+    waves = [decode_audio_bytes(first), decode_audio_bytes(second)]
+    answer = qa.answer([waves], [conversation], DecodeConfig(gen_length=16, block_length=16, steps=16))
+    assert reply.choices[0].message.content == answer.texts[0]
+    ids, _ = qa.chat.encode_conversation(conversation)
+    assert reply.usage.prompt_tokens == len(ids) + int(qa.speech(waves).lengths.sum())
+
+
 def test_extra_body_decoding_settings(client, qa):
     data = wav_bytes(0.8, freq=600)
     reply = client.chat.completions.create(
@@ -205,13 +221,17 @@ BAD_REQUESTS = [
      400, "format"),
     ("not audio", {**GOOD, "messages": user(audio_part(b"hello, not a wav file"))}, 400, "cannot be decoded"),
     ("too long clip", {**GOOD, "messages": user(audio_part(wav_bytes(2.5)))}, 400, "limit of 2 s"),
-    ("two clips", {**GOOD, "messages": user(audio_part(wav_bytes(0.3)), audio_part(wav_bytes(0.3)))}, 400,
-     "one audio slot"),
+    ("five clips", {**GOOD, "messages": user(*[audio_part(wav_bytes(0.1))] * 5)}, 400,
+     "5 input_audio parts: a request carries at most 4 clips"),
     ("no clip", {**GOOD, "messages": [{"role": "user", "content": QUESTION}]}, 400, "no input_audio part"),
     ("audio in a system message", {**GOOD, "messages": [{"role": "system", "content": [audio_part(wav_bytes(0.3))]},
                                                        *GOOD["messages"]]}, 400, "audio goes in a user message"),
-    ("multi-turn", {**GOOD, "messages": [*GOOD["messages"], {"role": "assistant", "content": "high"},
-                                         *user(text="And now?")]}, 400, "multi-turn"),
+    ("ends with an assistant turn", {**GOOD, "messages": [*GOOD["messages"], {"role": "assistant", "content": "hi"}]},
+     400, "the last turn must be the user turn to answer, got 'assistant'"),
+    ("audio in an assistant message", {**GOOD, "messages": [*GOOD["messages"], {"role": "assistant", "content": [
+        audio_part(wav_bytes(0.3))]}, *user()]}, 400, "messages[1] is an assistant message with an input_audio part"),
+    ("system message", {**GOOD, "messages": [{"role": "system", "content": "Be brief."}, *GOOD["messages"]]}, 400,
+     "the model's system prompt is fixed by the checkpoint"),
     ("long question", {**GOOD, "messages": user(audio_part(wav_bytes(0.3)), text="x" * 101)}, 400,
      "101 characters; the limit is 100"),
     ("body too large", {**GOOD, "messages": user(audio_part(b"\0" * 300_000))}, 413, "over the limit of 300000"),

@@ -3,6 +3,10 @@
 Prompts stay lists (their speech is spliced in per row by the model); answers are `answer + <|eot_id|>`
 right-padded with EOS, and the EOS padding is part of the answer the model learns (LLaDA's SFT convention,
 which is what teaches it to fill the rest of a fixed-length canvas with EOS at decoding time).
+
+An example's instruction may be a `Conversation` (docs/conversations.md) with its clips as a list of waves: the
+batch's features then hold one row per clip (rows' clips in order) and its audio slots a list per such row; the
+answer (the last assistant turn) is the only part trained, the earlier turns are prompt.
 """
 
 from __future__ import annotations
@@ -14,23 +18,34 @@ import numpy as np
 import torch
 
 from diffa2.audio import LogMelFeaturizer
-from diffa2.chat import ChatFormat
+from diffa2.chat import ChatFormat, Question
+
+
+class WithClips:
+    """An example whose `wave` is one clip or a conversation's clips, and `audio_key` their key(s)."""
+
+    def clips(self) -> list[tuple[np.ndarray, str | None]]:
+        """(wave, audio key) of each clip, in order."""
+        if isinstance(self.wave, np.ndarray):
+            return [(self.wave, self.audio_key)]
+        keys = self.audio_key if isinstance(self.audio_key, list) else [None] * len(self.wave)
+        return list(zip(self.wave, keys, strict=True))
 
 
 @dataclass
-class SFTExample:
-    wave: np.ndarray  # 16 kHz mono float32, already within the model window
-    instruction: str
+class SFTExample(WithClips):
+    wave: np.ndarray | list[np.ndarray]  # 16 kHz mono float32 within the model window; a conversation's clips
+    instruction: Question
     answer: str
-    audio_key: str | None = None  # identifies the clip, so its features can be cached across epochs
+    audio_key: str | list[str | None] | None = None  # identifies the clip(s), so features are cached across epochs
 
 
 @dataclass
 class SFTBatch:
-    input_features: torch.Tensor  # (B, n_mels, frames)
-    feature_lengths: torch.Tensor  # (B,)
+    input_features: torch.Tensor  # (clips, n_mels, frames): one row per clip, B with one clip per example
+    feature_lengths: torch.Tensor  # (clips,)
     prompt_ids: list[list[int]]
-    audio_slots: list[int]
+    audio_slots: list[int | list[int]]
     answer_ids: torch.Tensor  # (B, La) answer + eot + EOS padding
     answer_mask: torch.Tensor  # (B, La) bool: positions that belong to the answer region
 
@@ -54,12 +69,13 @@ class CachedFeatures:
         self.max_items = max_items
         self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    def __call__(self, examples: list[SFTExample]) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = [ex.audio_key if self.max_items else None for ex in examples]
+    def __call__(self, clips: list[tuple[np.ndarray, str | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and frame counts of (wave, audio key) clips, one row each."""
+        keys = [key if self.max_items else None for _, key in clips]
         missing = [i for i, key in enumerate(keys) if key is None or key not in self.cache]
         fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if missing:
-            features, lengths = self.featurizer([examples[i].wave for i in missing])
+            features, lengths = self.featurizer([clips[i][0] for i in missing])
             fresh = {i: (features[j], lengths[j]) for j, i in enumerate(missing)}
         rows = []
         for i, key in enumerate(keys):
@@ -116,10 +132,13 @@ class SFTCollator:
         room = torch.tensor([self.text_window - len(ids) for ids in prompt_ids])
         return torch.arange(width)[None, :] < room[:, None]
 
-    def encode_inputs(self, examples: list) -> tuple[torch.Tensor, torch.Tensor, list[list[int]], list[int]]:
-        """Features, feature lengths, prompt ids and audio slots of examples with `wave` and `instruction`."""
-        features, feature_lengths = self.features(examples)
-        prompts = [self.chat.encode_prompt(ex.instruction) for ex in examples]
+    def encode_inputs(
+        self, examples: list
+    ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]], list[int | list[int]]]:
+        """Features (a row per clip), feature lengths, prompt ids and audio slots of examples with `clips()` and
+        `instruction`."""
+        features, feature_lengths = self.features([c for ex in examples for c in ex.clips()])
+        prompts = [self.chat.encode(ex.instruction) for ex in examples]
         return features, feature_lengths, [ids for ids, _ in prompts], [slot for _, slot in prompts]
 
     def encode_answers(self, texts: list[str]) -> torch.Tensor:
@@ -134,24 +153,24 @@ class SFTCollator:
 
 
 @dataclass
-class PairExample:
+class PairExample(WithClips):
     """A preference pair: one clip and instruction, a chosen and a rejected answer (VRPO, stage 4)."""
 
-    wave: np.ndarray
-    instruction: str
+    wave: np.ndarray | list[np.ndarray]
+    instruction: Question
     chosen: str
     rejected: str
-    audio_key: str | None = None
+    audio_key: str | list[str | None] | None = None
 
 
 @dataclass
 class PairBatch:
     """P preference pairs sharing their audio and prompt; both answers are EOS-padded to one width La."""
 
-    input_features: torch.Tensor  # (P, n_mels, frames)
-    feature_lengths: torch.Tensor  # (P,)
+    input_features: torch.Tensor  # (clips, n_mels, frames)
+    feature_lengths: torch.Tensor  # (clips,)
     prompt_ids: list[list[int]]
-    audio_slots: list[int]
+    audio_slots: list[int | list[int]]
     chosen_ids: torch.Tensor  # (P, La)
     rejected_ids: torch.Tensor  # (P, La)
     answer_mask: torch.Tensor  # (P, La) bool, the answer region of either answer (EOS padding included)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from diffa2.audio import AudioError, decode_audio_bytes, load_audio, trim_to_window
-from diffa2.chat import ChatFormat
+from diffa2.chat import ChatFormat, Question
 from diffa2.data.collate import PairExample, SFTExample
 from diffa2.data.recipe import RecipeItem
 
@@ -33,13 +34,14 @@ class TokenBudget:
     speech_tokens: int  # speech tokens of a clip as long as the audio window
     canvas: int | None  # the fixed answer canvas; None: as wide as each batch's longest answer
 
-    def problem(self, prompt_tokens: int, answer_tokens: int) -> str | None:
-        """Why a row with this prompt and answer (end of turn included) cannot be trained, or None if it can."""
+    def problem(self, prompt_tokens: int, answer_tokens: int, clips: int = 1) -> str | None:
+        """Why a row with this prompt, answer (end of turn included) and number of clips cannot be trained, or None."""
         if self.canvas is not None and answer_tokens > self.canvas:
             return f"its answer has {answer_tokens} tokens, more than the {self.canvas}-token answer canvas"
         answer = self.canvas or answer_tokens
-        if prompt_tokens + self.speech_tokens + answer > self.max_sequence_length:
-            return (f"prompt ({prompt_tokens}) + speech (up to {self.speech_tokens}) + answer ({answer}) tokens exceed "
+        speech = clips * self.speech_tokens
+        if prompt_tokens + speech + answer > self.max_sequence_length:
+            return (f"prompt ({prompt_tokens}) + speech (up to {speech}) + answer ({answer}) tokens exceed "
                     f"the backbone's {self.max_sequence_length}-token window")
         return None
 
@@ -51,10 +53,11 @@ def items_within(
     kept: list[RecipeItem] = []
     too_long: dict[str, str] = {}
     for item in items:
+        question, answer, clips = item.prompt()
         fields, source = item.record.fields, item.source
-        prompt = len(chat.encode_prompt(fields[source.instruction_field])[0])
-        answers = [fields[source.target_field]] + ([fields[source.rejected_field]] if source.rejected_field else [])
-        problems = [budget.problem(prompt, len(chat.encode_answer(answer))) for answer in answers]
+        prompt = len(chat.encode(question)[0])
+        answers = [answer] + ([fields[source.rejected_field]] if source.rejected_field else [])
+        problems = [budget.problem(prompt, len(chat.encode_answer(a)), len(clips)) for a in answers]
         reason = next((p for p in problems if p is not None), None)
         if reason is None:
             kept.append(item)
@@ -86,9 +89,10 @@ class AudioInstructionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def load_wave(self, item: RecipeItem):
+    def load_wave(self, item: RecipeItem, value: Any = None):
+        """One clip of `item` (`value`: its audio value; default the item's single clip), cut to the window."""
         src, rec = item.source, item.record
-        value = rec.fields[src.audio_field]
+        value = rec.fields[src.audio_field] if value is None else value
         window = self.max_seconds  # only the window is decoded, so a 2-hour file costs 30 s of memory
         if isinstance(value, dict):  # an undecoded HF Audio cell: {"bytes": ..., "path": ...}
             if value.get("bytes"):
@@ -108,8 +112,9 @@ class AudioInstructionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> SFTExample:
         for offset in range(len(self.items)):
             item = self.items[(index + offset) % len(self.items)]
+            question, answer, clips = item.prompt()
             try:
-                wave = self.load_wave(item)
+                waves = [self.load_wave(item, value) for value in clips]
             except AudioError as err:
                 if self.on_bad_audio != "skip":
                     raise
@@ -117,18 +122,20 @@ class AudioInstructionDataset(torch.utils.data.Dataset):
                     print(f"[diffa2] skipping {err}")
                 self.stats.skipped[item.record.where] = str(err)
                 continue
-            audio = item.record.fields[item.source.audio_field]
-            key = f"{item.source.path}:{audio}" if isinstance(audio, str) else None
-            return self.make_example(wave, item, key)
+            keys = [f"{item.source.path}:{audio}" if isinstance(audio, str) else None for audio in clips]
+            if isinstance(question, str):  # one clip: the classic example
+                return self.make_example(waves[0], item, question, answer, keys[0])
+            return self.make_example(waves, item, question, answer, keys)
         raise RuntimeError("every item of the dataset has unreadable audio; see the messages above")
 
-    def make_example(self, wave, item: RecipeItem, audio_key: str | None) -> SFTExample:
-        fields = item.record.fields
-        return SFTExample(wave, fields[item.source.instruction_field], fields[item.source.target_field], audio_key)
+    def make_example(self, wave, item: RecipeItem, question: Question, answer: str, audio_key) -> SFTExample:
+        """The example of an item whose clip(s) are loaded."""
+        return SFTExample(wave, question, answer, audio_key)
 
 
 class PreferenceDataset(AudioInstructionDataset):
-    """Items -> `PairExample`s: the target field is the chosen answer, `rejected_field` the rejected one."""
+    """Items -> `PairExample`s: the target field (or last assistant turn) is the chosen answer, `rejected_field` the
+    rejected one."""
 
     def __init__(self, items: list[RecipeItem], max_seconds: float, *, on_bad_audio: str = "skip") -> None:
         unpaired = sorted({item.source.path for item in items if not item.source.rejected_field})
@@ -136,7 +143,6 @@ class PreferenceDataset(AudioInstructionDataset):
             raise ValueError(f"preference data needs `rejected_field` on every recipe source; missing on {unpaired}")
         super().__init__(items, max_seconds, on_bad_audio=on_bad_audio)
 
-    def make_example(self, wave, item: RecipeItem, audio_key: str | None) -> PairExample:
-        fields, source = item.record.fields, item.source
-        return PairExample(wave, fields[source.instruction_field], fields[source.target_field],
-                           fields[source.rejected_field], audio_key)
+    def make_example(self, wave, item: RecipeItem, question: Question, answer: str, audio_key) -> PairExample:
+        """The pair of an item whose clip(s) are loaded."""
+        return PairExample(wave, question, answer, item.record.fields[item.source.rejected_field], audio_key)

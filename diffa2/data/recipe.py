@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from diffa2.data.manifest import ManifestFormat, ManifestRecord, read_manifest
+from diffa2.chat import Question
+from diffa2.data.manifest import ManifestFormat, ManifestRecord, RecordFields, read_manifest
 
 
 def _yaml_hint(value: Any) -> str:
@@ -48,6 +49,9 @@ class DataSource:
     audio_field: str = "audio_filepath"  # a path (relative to audio_root) or an HF Audio column
     audio_root: str | None = None  # default: the manifest's directory
     rejected_field: str | None = None  # preference data (stage 4)
+    conversation_field: str = "conversation"  # multi-turn records, DIFFA/DeSTA2 style: question/answer pairs
+    messages_field: str = "messages"  # multi-turn records, messages style (docs/conversations.md)
+    instruction_contains: str | None = None  # keep only records whose instruction holds this text
 
     def __post_init__(self) -> None:
         """Check types and ranges here, so a typo fails when the recipe loads, not hours into a run."""
@@ -58,10 +62,10 @@ class DataSource:
         if isinstance(self.weight, bool) or not isinstance(self.weight, int | float) or not self.weight >= 0:
             raise ValueError(f"'weight' must be a number >= 0 (a repeat factor), got {self.weight!r}"
                              f"{_yaml_hint(self.weight)}")
-        for name in ("instruction_field", "target_field", "audio_field"):
+        for name in ("instruction_field", "target_field", "audio_field", "conversation_field", "messages_field"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name!r} must be a string, got {getattr(self, name)!r}")
-        for name in ("audio_root", "rejected_field"):
+        for name in ("audio_root", "rejected_field", "instruction_contains"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name!r} must be a string or null, got {getattr(self, name)!r}")
 
@@ -74,6 +78,12 @@ class DataSource:
             return value.replace("{synth}", str(synth_dir))
 
         return DataSource(**{**self.__dict__, "path": sub(self.path), "audio_root": sub(self.audio_root)})
+
+    @property
+    def record_fields(self) -> RecordFields:
+        """The field names this source's records use."""
+        return RecordFields(self.instruction_field, self.target_field, self.audio_field, self.conversation_field,
+                            self.messages_field, self.rejected_field)
 
 
 @dataclass
@@ -132,6 +142,15 @@ class RecipeItem:
     record: ManifestRecord
     source: DataSource
 
+    def prompt(self) -> tuple[Question, str, list[Any]]:
+        """The question (an instruction, or a conversation for a multi-turn record), the answer to train on (the
+        last assistant turn) and the clips' audio values (paths or HF audio cells) in order."""
+        fields, names = self.record.fields, self.source.record_fields
+        if names.is_multi_turn(fields):
+            conversation, answer = names.conversation_of(fields)
+            return conversation, answer, [clip.source for clip in conversation.clips]
+        return fields[names.instruction], fields[names.target], [fields[names.audio]]
+
 
 def load_split(
     sources: list[DataSource], *, synth_dir: str | Path | None, seed: int, on_error: str = "raise"
@@ -146,8 +165,10 @@ def load_split(
             (src.rejected_field,) if src.rejected_field else ()
         )
         records, bad = read_manifest(src.path, src.format, required=required, audio_field=src.audio_field,
-                                     on_error=on_error)
+                                     on_error=on_error, multi_turn=src.record_fields)
         problems += bad
+        if src.instruction_contains is not None:
+            records = [r for r in records if src.instruction_contains in str(r.fields.get(src.instruction_field, ""))]
         whole, fraction = divmod(src.weight, 1.0)
         chosen = records * int(whole) + rng.sample(records, round(fraction * len(records)))
         items += [RecipeItem(r, src) for r in chosen]

@@ -14,7 +14,7 @@ from diffa2.data.recipe import RecipeItem
 
 def prompt_lengths(items: list[RecipeItem], chat: ChatFormat) -> list[int]:
     """Each item's prompt length in tokens (the part of a training sequence that varies with the item)."""
-    return [len(chat.encode_prompt(item.record.fields[item.source.instruction_field])[0]) for item in items]
+    return [len(chat.encode(item.prompt()[0])[0]) for item in items]
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):

@@ -9,6 +9,10 @@ The answer path is the server's (`diffa2.serve`): one continuous batcher per loa
 passes. KV-cache settings, which the batcher does not cover, decode with `AudioQA.answer` (as the eval runner
 does). `answer_clip` and `stream_answer` are async generators: a pause between frames is an `asyncio.sleep`, so it
 holds no worker thread, and the page's queue can run several answers at once.
+
+The page keeps a conversation (docs/conversations.md): `answer_clip` takes the answered turns so far
+(`ChatTurn`s) and asks the model the new question after them; a turn brings its clip into the conversation when it
+differs from the last clip used, so follow-up questions about the same clip do not repeat it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +33,7 @@ import numpy as np
 import soundfile as sf
 
 from diffa2.audio import SAMPLE_RATE, AudioError, decode_audio_bytes, load_audio, trim_to_window
-from diffa2.chat import ChatFormat
+from diffa2.chat import AudioRef, ChatFormat, Conversation, Question, Turn
 from diffa2.demo import DEFAULT_MAX_UPLOAD_MB
 from diffa2.demo.checkpoints import describe_model
 from diffa2.diffusion.continuous import ContinuousBatcher, DecodeJob, covers
@@ -166,6 +170,36 @@ class Update:
     text: str
     status: str
     done: bool = False
+    failed: bool = False  # the last frame of an answer that could not be given (its status says why)
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One answered turn of the page's conversation: the clip it was asked with (a path, or None), question, answer."""
+
+    audio: str | None
+    question: str
+    answer: str
+
+
+def conversation_of(history: Sequence[ChatTurn], audio: str | None, question: str) -> tuple[list[str | None], Question]:
+    """The clips (paths, in order) and what the model is asked: without history, `question` about `audio`; else
+    the history's turns then this one, each turn bringing its clip when it differs from the last clip brought."""
+    if not history:
+        return [audio], question
+    turns, clips, last = [], [], None
+    for clip, text, answer in [*((t.audio, t.question, t.answer) for t in history), (audio, question, None)]:
+        brings = clip is not None and clip != last
+        turns.append(Turn("user", (AudioRef(clip), text) if brings else (text,)))
+        if brings:
+            clips.append(clip)
+            last = clip
+        if answer is not None:
+            turns.append(Turn("assistant", (answer,)))
+    if not clips:
+        clips.append(None)  # no clip anywhere: `prepare_clip` asks for one
+        return clips, question
+    return clips, Conversation(tuple(turns))
 
 
 def warm_up() -> None:
@@ -200,9 +234,11 @@ def _status(nfe: int, masked: int, total: int) -> str:
 
 
 async def stream_answer(
-    qa: AudioQA, wave: np.ndarray, question: str, config: DecodeConfig, *, delay: float = 0.0, seed: int = 0
+    qa: AudioQA, wave: np.ndarray | list[np.ndarray], question: Question, config: DecodeConfig, *,
+    delay: float = 0.0, seed: int = 0,
 ) -> AsyncIterator[Update]:
-    """Yield the all-masked canvas, then the canvas after every decoding step, then the answer with NFE and time.
+    """Yield the all-masked canvas, then the canvas after every decoding step, then the answer with NFE and time;
+    `wave` is a conversation's list of clips when `question` is a `Conversation`.
 
     `delay` pauses between frames shown (not between decoding steps, which run on the batcher's thread), so the
     reported time stays the decoder's.
@@ -275,18 +311,27 @@ async def answer_clip(
     max_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 2**20),
     delay: float = 0.0,
     compat: str | None = None,
+    history: Sequence[ChatTurn] = (),
 ) -> AsyncIterator[Update]:
-    """The demo's answer function: a path and a question in, frames of the unmasking out; errors as a message."""
+    """The demo's answer function: a path and a question (after the answered turns of `history`) in, frames of the
+    unmasking out; errors as a message."""
     try:
         question = check_question(question)
         config = settings.to_config()
         qa = await asyncio.to_thread(load_model, checkpoint, compat)
-        wave, notices = await asyncio.to_thread(prepare_clip, audio, qa.model.config.window_seconds, max_bytes)
+        paths, asked = conversation_of(history, audio, question)
+        waves, notices = [], []
+        for path in paths:
+            wave, said = await asyncio.to_thread(prepare_clip, path, qa.model.config.window_seconds, max_bytes)
+            waves.append(wave)
+            notices += said
         prefix = "".join(f"ℹ {n}\n\n" for n in notices)
-        async for update in stream_answer(qa, wave, question, config, delay=delay):
+        wave = waves if isinstance(asked, Conversation) else waves[0]
+        async for update in stream_answer(qa, wave, asked, config, delay=delay):
             yield Update(update.text, prefix + update.status, update.done)
     except DemoError as exc:
-        yield Update("", f"⚠ {exc}", done=True)
+        yield Update("", f"⚠ {exc}", done=True, failed=True)
     except Exception as exc:  # a bug, not the user's fault: the page gets one line, the server log the traceback
         logger.exception("answering failed")
-        yield Update("", f"⚠ Internal error ({type(exc).__name__}: {exc}); the details are in the server log.", True)
+        yield Update("", f"⚠ Internal error ({type(exc).__name__}: {exc}); the details are in the server log.", True,
+                     True)

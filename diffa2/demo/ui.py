@@ -15,6 +15,7 @@ from diffa2.demo.answer import (
     MASK_GLYPH,
     MAX_BATCH,
     MAX_QUESTION_CHARS,
+    ChatTurn,
     DecodeSettings,
     DemoError,
     answer_clip,
@@ -35,8 +36,19 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], fon
 CSS = "#answer textarea { font-family: ui-monospace, monospace; font-size: 1.25em; }"
 INTRO = (
     "# DIFFA-2 audio Q&A\nUpload a clip or record one, ask a question, and watch the diffusion model unmask its "
-    f"answer step by step ({MASK_GLYPH} = still masked, {END_GLYPH} = end of answer)."
+    f"answer step by step ({MASK_GLYPH} = still masked, {END_GLYPH} = end of answer). Ask follow-up questions, or "
+    "upload another clip to compare: the conversation is kept until you start a new one."
 )
+
+
+def render_history(history: list[ChatTurn]) -> str:
+    """The conversation so far as Markdown: each turn's question (with the clip it brought) and answer."""
+    lines, last = [], None
+    for i, turn in enumerate(history, start=1):
+        clip = f" 🔊 *{Path(turn.audio).name}*" if turn.audio and turn.audio != last else ""
+        last = turn.audio or last
+        lines.append(f"**{i}.**{clip} {turn.question}  \n→ {turn.answer or '(empty answer)'}")
+    return "\n\n".join(lines)
 
 
 @dataclass
@@ -75,7 +87,11 @@ def build_app(options: DemoOptions) -> gr.Blocks:
                 audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio clip", elem_id="audio")
                 question = gr.Textbox(label="Question", placeholder="e.g. What is the pitch of the sound?",
                                       elem_id="question", max_length=MAX_QUESTION_CHARS)
-                ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                with gr.Row():
+                    ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                    new = gr.Button("New conversation", elem_id="new-conversation")
+                history = gr.State([])
+                conversation = gr.Markdown(elem_id="conversation")
                 gr.Examples([[q] for q in EXAMPLE_QUESTIONS], inputs=[question], label="Example questions")
                 gr.Examples(clips, inputs=[audio, question], example_labels=kinds,
                             label="Synthetic corpus examples (one clip per question kind)")
@@ -106,13 +122,16 @@ def build_app(options: DemoOptions) -> gr.Blocks:
                     eos_early_exit = gr.Checkbox(value=defaults.eos_early_exit, label="Stop once the answer has ended")
                     delay = gr.Slider(0.0, 1.0, value=0.1, step=0.05, label="Pause between frames shown (s)")
 
-        async def on_answer(audio, question, checkpoint, gen_length, block_length, steps, threshold, factor, cache,
-                            eos_early_exit, delay) -> AsyncIterator[tuple[str, str]]:
+        async def on_answer(audio, question, history, checkpoint, gen_length, block_length, steps, threshold, factor,
+                            cache, eos_early_exit, delay) -> AsyncIterator[tuple]:
             settings = DecodeSettings(gen_length=gen_length, block_length=block_length, steps=steps,
                                       threshold=threshold, factor=factor, cache=cache, eos_early_exit=eos_early_exit)
             async for update in answer_clip(audio, question, checkpoint, settings,
-                                            max_bytes=options.max_upload_bytes, delay=delay, compat=options.compat):
-                yield update.text, update.status
+                                            max_bytes=options.max_upload_bytes, delay=delay, compat=options.compat,
+                                            history=history):
+                if update.done and not update.failed:  # an answered turn joins the conversation
+                    history = [*history, ChatTurn(audio, question.strip(), update.text)]
+                yield update.text, update.status, history
 
         def on_checkpoint(checkpoint: str | None) -> str:
             return model_info(checkpoint, options.compat) if checkpoint else ""
@@ -152,11 +171,13 @@ def build_app(options: DemoOptions) -> gr.Blocks:
             return chosen.threshold, chosen.factor, chosen.cache, chosen.eos_early_exit
 
         mode.change(on_mode, mode, [threshold, factor, cache, eos_early_exit], api_visibility="private")
-        inputs = [audio, question, checkpoint, gen_length, block_length, steps, threshold, factor, cache,
+        inputs = [audio, question, history, checkpoint, gen_length, block_length, steps, threshold, factor, cache,
                   eos_early_exit, delay]
         # Answers share the model's batcher and pause without a worker (async): several may run at once.
-        gr.on([ask.click, question.submit], on_answer, inputs, [answer, status], api_name="answer",
+        gr.on([ask.click, question.submit], on_answer, inputs, [answer, status, history], api_name="answer",
               show_progress="minimal", concurrency_limit=MAX_BATCH)
+        history.change(render_history, history, conversation, api_visibility="private")
+        new.click(lambda: ([], "", ""), None, [history, answer, status], api_visibility="private")
         gr.on([app.load, checkpoint.change], on_checkpoint, checkpoint, info, api_name="model_info")
         if options.allow_training:
             train.click(on_train, None, [checkpoint, missing, trained], api_name="train")

@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from diffa2.audio import AudioError, decode_audio_bytes, load_audio, trim_to_window
+from diffa2.chat import AudioRef as ChatAudio
+from diffa2.chat import Conversation, Question, Turn
 from diffa2.diffusion.continuous import DecodeJob, covers, decode_all
 from diffa2.diffusion.decoding import DecodeConfig
 from diffa2.eval.loaders import (
+    AudioRef,
     DataError,
     Item,
     Record,
@@ -85,25 +88,45 @@ def audio_limit(qa: Any) -> float:
     return float(qa.model.config.window_seconds)
 
 
-def _load_wave(item: Item, limit: float) -> Any:
-    """The item's clip, decoded only as far as `limit` seconds (a 2-hour file costs a window of memory)."""
-    where = item.record.where
-    if item.audio.data is not None:
-        return decode_audio_bytes(item.audio.data, name=item.audio.label, where=where, max_seconds=limit)
-    return load_audio(item.audio.path, where=where, max_seconds=limit)
+def _load_wave(audio: AudioRef, where: str, limit: float) -> Any:
+    """A clip, decoded only as far as `limit` seconds (a 2-hour file costs a window of memory)."""
+    if audio.data is not None:
+        return decode_audio_bytes(audio.data, name=audio.label, where=where, max_seconds=limit)
+    return load_audio(audio.path, where=where, max_seconds=limit)
+
+
+def item_clips(item: Item) -> list[AudioRef]:
+    """The clips an item's prompt holds, in order: its audio, or a conversation item's clips (docs/conversations.md)."""
+    if not item.is_conversation:
+        return [item.audio]
+    return [clip.source for turn in item.history for clip in turn.clips] + list(item.question_audio)
+
+
+def item_question(item: Item, prompt: str) -> Question:
+    """What the model is asked: the rendered prompt, or for a conversation item its history then a user turn with
+    its `question_audio` clips and the prompt."""
+    if not item.is_conversation:
+        return prompt
+    asked = Turn("user", (*(ChatAudio(clip) for clip in item.question_audio), prompt))
+    return Conversation((*item.history, asked))
 
 
 def _prepare(item: Item, limit: float, seed: int) -> tuple[dict[str, Any], Any]:
-    """The item's entry (id, seed, audio status) and its wave trimmed to `limit` seconds, or None when the audio is
-    missing or unreadable (the entry then says why in `audio_error`)."""
+    """The item's entry (id, seed, audio status) and its wave trimmed to `limit` seconds (a conversation item: the
+    list of its clips' waves), or None when audio is missing or unreadable (the entry then says why in
+    `audio_error`)."""
     entry: dict[str, Any] = {"id": item.id, "seed": item_seed(seed, item.id)}
-    try:
-        wave = _load_wave(item, limit)
-    except AudioError as exc:
-        missing = item.audio.path is not None and not item.audio.path.exists()
-        return entry | {"audio_status": "missing" if missing else "unreadable", "audio_error": str(exc)}, None
-    wave, trimmed = trim_to_window(wave, limit)
-    return entry | {"audio_status": "ok", "trimmed": trimmed}, wave
+    waves, trimmed = [], False
+    for clip in item_clips(item):
+        try:
+            wave = _load_wave(clip, item.record.where, limit)
+        except AudioError as exc:
+            missing = clip.path is not None and not clip.path.exists()
+            return entry | {"audio_status": "missing" if missing else "unreadable", "audio_error": str(exc)}, None
+        wave, cut = trim_to_window(wave, limit)
+        waves.append(wave)
+        trimmed = trimmed or cut
+    return entry | {"audio_status": "ok", "trimmed": trimmed}, waves if item.is_conversation else waves[0]
 
 
 def check_mcq(mcq: str) -> None:
@@ -128,12 +151,13 @@ def decode_batch(
     waves = [prepared[r][1] for r in rows]
     if rows and mcq == "likelihood":
         choices = [[c for c in items[r].choices if c is not None] for r in rows]
-        scores = qa.score(waves, [prompts[r] for r in rows], choices, n_draws=n_draws,
+        scores = qa.score(waves, [item_question(items[r], prompts[r]) for r in rows], choices, n_draws=n_draws,
                           seed=[entries[r]["seed"] for r in rows])
         for r, options, elbos, best in zip(rows, choices, scores.elbos, scores.best, strict=True):
             entries[r] |= {"output": options[best], "choice_elbos": elbos}
     elif rows:
-        answers = qa.answer(waves, [prompts[r] for r in rows], decode, seed=[entries[r]["seed"] for r in rows])
+        answers = qa.answer(waves, [item_question(items[r], prompts[r]) for r in rows], decode,
+                            seed=[entries[r]["seed"] for r in rows])
         for r, text, nfe in zip(rows, answers.texts, answers.row_nfe, strict=True):
             entries[r] |= {"output": text, "nfe": nfe}  # the item's own NFE: independent of its batch
     return entries
@@ -165,7 +189,7 @@ def decode_items(
             if wave is None:
                 ready.append((i, entries[i]))
             else:
-                yield i, DecodeJob((wave, prompts[i]), decode, seed=entries[i]["seed"])
+                yield i, DecodeJob((wave, item_question(item, prompts[i])), decode, seed=entries[i]["seed"])
 
     for finished in decode_all(qa.batcher(max_batch=batch_size), jobs()):
         for i, result in finished:

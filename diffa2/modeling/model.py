@@ -13,6 +13,7 @@ semantic span is the batch's longest, as the released DIFFA-2 was trained (docs/
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -157,21 +158,40 @@ class DIFFA2Model(PreTrainedModel):
         return SpeechEmbeddings(torch.cat([lead, semantic], dim=1), lead.shape[1] + semantic_lengths)
 
     def build_prefix(
-        self, prompt_ids: list[list[int]], audio_slots: list[int], speech: SpeechEmbeddings
+        self, prompt_ids: list[list[int]], audio_slots: Sequence[int | Sequence[int]], speech: SpeechEmbeddings
     ) -> Prefix:
-        """Splice each row's speech tokens into its prompt at its audio slot, then left-pad the rows."""
+        """Splice speech spans into each row's prompt at its audio slot(s), then left-pad the rows.
+
+        A row's slot is an int (one clip) or a list of nondecreasing slots (one per clip, docs/conversations.md);
+        `speech` holds one span per clip, rows' clips in order: row 0's, then row 1's, and so on.
+        """
         embed = self.backbone.embed
         device = speech.embeds.device
+        slots = [[s] if isinstance(s, int) else [int(x) for x in s] for s in audio_slots]
+        if len(slots) != len(prompt_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(slots)} audio slot entries")
+        clips = sum(len(row) for row in slots)
+        if clips != speech.embeds.shape[0]:
+            raise ValueError(f"the prompts have {clips} audio slots but there are {speech.embeds.shape[0]} speech "
+                             "spans")
         rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for i, (ids, slot) in enumerate(zip(prompt_ids, audio_slots, strict=True)):
-            if not 0 <= slot <= len(ids):
-                raise ValueError(f"row {i}: audio slot {slot} outside a prompt of {len(ids)} tokens")
+        clip = 0
+        for i, (ids, row_slots) in enumerate(zip(prompt_ids, slots, strict=True)):
+            if any(not 0 <= s <= len(ids) for s in row_slots) or row_slots != sorted(row_slots):
+                raise ValueError(f"row {i}: audio slots {row_slots} are not nondecreasing positions within a prompt "
+                                 f"of {len(ids)} tokens")
             text = embed(torch.tensor(ids, device=device))
-            sp = speech.embeds[i, : int(speech.lengths[i])]
-            row = torch.cat([text[:slot], sp.to(text.dtype), text[slot:]], dim=0)
-            is_text = torch.ones(row.shape[0], dtype=torch.bool, device=device)
-            is_text[slot : slot + sp.shape[0]] = False
-            rows.append((row, is_text))
+            pieces, flags, start = [], [], 0
+            for slot in row_slots:
+                sp = speech.embeds[clip, : int(speech.lengths[clip])].to(text.dtype)
+                clip += 1
+                pieces += [text[start:slot], sp]
+                flags += [torch.ones(slot - start, dtype=torch.bool, device=device),
+                          torch.zeros(sp.shape[0], dtype=torch.bool, device=device)]
+                start = slot
+            pieces.append(text[start:])
+            flags.append(torch.ones(len(ids) - start, dtype=torch.bool, device=device))
+            rows.append((torch.cat(pieces, dim=0), torch.cat(flags)))
         width = max(r.shape[0] for r, _ in rows)
         dim = rows[0][0].shape[1]
         embeds = rows[0][0].new_zeros(len(rows), width, dim)
@@ -212,13 +232,16 @@ class DIFFA2Model(PreTrainedModel):
         input_features: torch.Tensor,
         feature_lengths: torch.Tensor,
         prompt_ids: list[list[int]],
-        audio_slots: list[int],
+        audio_slots: Sequence[int | Sequence[int]],
         answer_ids: torch.Tensor,
         answer_mask: torch.Tensor | None = None,
         *,
         answers_per_prompt: int = 1,
     ) -> torch.Tensor:
-        """Answer-region logits for a batch: audio features, prompts, and noised answer ids.
+        """Answer-region logits for a batch: audio features (one row per clip), prompts, and noised answer ids.
+
+        A prompt with several clips gives a list of slots and takes that many consecutive feature rows
+        (`build_prefix`); with one int slot per prompt, feature row b is prompt b's clip.
 
         With `answers_per_prompt` k, `answer_ids` holds k·B rows: k stacked blocks of B answers to the same B
         prompts (row i·B + b answers prompt b). The speech and prefix are computed once and shared by the blocks

@@ -163,9 +163,9 @@ def create_app(qa: AudioQA, options: ServeOptions) -> FastAPI:
             raise RequestError(f"n {chat.n} is over the limit of {limits.max_n}", param="n")
         question = read_conversation(chat, limits)
         config = decode_config(chat, options.defaults, limits)
-        wave = await run_in_threadpool(decode_input_audio, question.audio, max_seconds=limits.max_audio_seconds,
-                                       param=question.audio_param)
-        jobs = [DecodeJob((wave, question.text), config, seed=(chat.seed or 0) + i) for i in range(chat.n)]
+        waves = [await run_in_threadpool(decode_input_audio, audio, max_seconds=limits.max_audio_seconds, param=param)
+                 for audio, param in question.clips]
+        jobs = [DecodeJob((waves, question.conversation), config, seed=(chat.seed or 0) + i) for i in range(chat.n)]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": options.model_name}
         if chat.stream:
             return StreamingResponse(stream(jobs, head), media_type="text/event-stream")

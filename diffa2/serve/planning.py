@@ -1,9 +1,11 @@
-"""A validated chat request -> what to decode: the clip, the question and the `DecodeConfig`, or a `RequestError`."""
+"""A validated chat request -> what to decode: the clips, the conversation and the `DecodeConfig`, or a
+`RequestError`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from diffa2.chat import AudioRef, Conversation, Turn
 from diffa2.diffusion.decoding import DecodeConfig
 from diffa2.serve.audio import RequestError
 from diffa2.serve.schema import SERVED_MODES, AudioPart, ChatRequest, InputAudio, Limits, TextPart
@@ -19,48 +21,50 @@ class Defaults:
 
 @dataclass(frozen=True)
 class Question:
-    """The one clip and the question text of a conversation."""
+    """The conversation to answer and its clips in order (with where each is in the request)."""
 
-    audio: InputAudio
-    audio_param: str
-    text: str
+    conversation: Conversation
+    clips: list[tuple[InputAudio, str]]
 
 
 def read_conversation(request: ChatRequest, limits: Limits) -> Question:
-    """The user's clip and question; refuses what the chat format cannot express (module docs: docs/serving.md)."""
+    """The user and assistant turns and the clips; refuses what the chat format cannot express (docs/serving.md).
+
+    A user message's clips go first, in order, then its text parts joined by spaces: the placement the model was
+    trained on (`This is the audio: <audio>. {question}`), so a one-message request is the classic prompt.
+    """
     clips: list[tuple[InputAudio, str]] = []
-    texts: list[str] = []
-    users = 0
+    turns: list[Turn] = []
     for i, message in enumerate(request.messages):
         parts = [TextPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
-        if message.role != "user":
-            if any(isinstance(p, AudioPart) for p in parts):
+        audio = [(j, p.input_audio) for j, p in enumerate(parts) if isinstance(p, AudioPart)]
+        if message.role not in ("user", "assistant"):
+            if audio:
                 raise RequestError(f"messages[{i}] is a {message.role} message with an input_audio part: audio "
                                    "goes in a user message", param=f"messages[{i}].content")
-            raise RequestError(f"messages[{i}] has role {message.role!r}: the model answers one user message "
-                               "(its system prompt is fixed by the checkpoint, and multi-turn chats are not "
-                               "supported)", param=f"messages[{i}].role")
-        users += 1
-        for j, part in enumerate(parts):
-            if isinstance(part, AudioPart):
-                clips.append((part.input_audio, f"messages[{i}].content[{j}].input_audio"))
-            else:
-                texts.append(part.text)
-    if users > 1:
-        raise RequestError(f"{users} user messages: the model answers one question per request (multi-turn chats "
-                           "are not supported)", param="messages")
+            raise RequestError(f"messages[{i}] has role {message.role!r}: the model's system prompt is fixed by the "
+                               "checkpoint; send user and assistant messages", param=f"messages[{i}].role")
+        if message.role == "assistant" and audio:
+            raise RequestError(f"messages[{i}] is an assistant message with an input_audio part: audio goes in a user "
+                               "message", param=f"messages[{i}].content")
+        clips += [(data, f"messages[{i}].content[{j}].input_audio") for j, data in audio]
+        text = " ".join(p.text.strip() for p in parts if isinstance(p, TextPart) and p.text.strip())
+        turns.append(Turn(message.role, (*(AudioRef() for _ in audio), text)))
     if len(clips) > limits.max_clips:
-        raise RequestError(f"{len(clips)} input_audio parts: the chat format has one audio slot, so a request "
-                           f"carries at most {limits.max_clips} clip (send one request per clip)",
+        raise RequestError(f"{len(clips)} input_audio parts: a request carries at most {limits.max_clips} clips",
                            param="messages", code="too_many_clips")
     if not clips:
-        raise RequestError("no input_audio part: the model answers questions about one audio clip",
+        raise RequestError("no input_audio part: the model answers questions about audio clips",
                            param="messages", code="missing_audio")
-    text = " ".join(t.strip() for t in texts if t.strip())
-    if len(text) > limits.max_question_chars:
-        raise RequestError(f"the question has {len(text)} characters; the limit is {limits.max_question_chars}",
-                           param="messages", code="question_too_long")
-    return Question(clips[0][0], clips[0][1], text)
+    chars = sum(len(t.text) for t in turns)
+    if chars > limits.max_question_chars:
+        raise RequestError(f"the conversation's text has {chars} characters; the limit is "
+                           f"{limits.max_question_chars}", param="messages", code="question_too_long")
+    try:
+        conversation = Conversation(tuple(turns))
+    except ValueError as exc:
+        raise RequestError(f"messages: {exc}", param="messages") from exc
+    return Question(conversation, clips)
 
 
 def decode_config(request: ChatRequest, defaults: Defaults, limits: Limits) -> DecodeConfig:

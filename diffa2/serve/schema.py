@@ -79,10 +79,10 @@ class Limits:
 
     max_body_bytes: int = 20 * 2**20
     max_audio_seconds: float = 30.0
-    max_question_chars: int = 2000
+    max_question_chars: int = 2000  # the text of all turns together
     max_n: int = 8
     max_gen_length: int = 512
-    max_clips: int = 1  # the chat format has one audio slot (diffa2.chat): one clip per request
+    max_clips: int = 4  # clips over all user turns (each spliced at its place, docs/conversations.md)
 
 
 def error_body(message: str, *, kind: str = "invalid_request_error", param: str | None = None,

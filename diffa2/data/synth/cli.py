@@ -11,6 +11,7 @@ from diffa2.cli_flags import add_flag
 from diffa2.data.synth.build import SIZES, SynthCorpus, build_synth_corpus, is_complete
 from diffa2.data.synth.constants import DEFAULT_CORPUS_DIR, DEFAULT_VOCAB_SIZE, SPLITS, STAGES
 from diffa2.data.synth.long import build_long_split
+from diffa2.data.synth.multiturn import MultiturnSizes, build_multiturn_split
 from diffa2.threads import add_threads_option, apply_threads
 from diffa2.validation import parse_checked
 
@@ -74,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "audio_long/ under --out: each test cue in window 2 or 3 of a 12 s clip; docs/long-audio.md)")
     add_flag(parser, "--long_per_kind", type=int, default=20,
              help="with --long: items per question kind (default: 20)")
+    parser.add_argument("--multiturn", action="store_true", help="only write the multi-turn split under --out "
+                        "(multiturn_{train,validation}.json, test_multiturn_mmau.json, audio_multiturn/: follow-up "
+                        "questions and two-clip comparisons; docs/conversations.md)")
+    add_flag(parser, "--multiturn_train", type=int, default=MultiturnSizes.train,
+             help=f"with --multiturn: training conversations (default: {MultiturnSizes.train})")
+    add_flag(parser, "--multiturn_per_kind", type=int, default=MultiturnSizes.test_per_kind,
+             help=f"with --multiturn: test conversations per turn-2 kind (default: {MultiturnSizes.test_per_kind})")
     add_threads_option(parser)
     return parser
 
@@ -84,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.long:
         manifest = build_long_split(args.out, seed=args.seed, per_kind=args.long_per_kind)
         print(f"long-clip split: {manifest.resolve()}")
+        return 0
+    if args.multiturn:
+        sizes = MultiturnSizes(train=args.multiturn_train, test_per_kind=args.multiturn_per_kind)
+        for split, path in build_multiturn_split(args.out, seed=args.seed, sizes=sizes).items():
+            print(f"multi-turn {split}: {path.resolve()}")
         return 0
     size = "small" if args.small else args.size
     t0 = time.perf_counter()

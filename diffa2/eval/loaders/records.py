@@ -56,3 +56,11 @@ class Item:
     answer: str
     audio: AudioRef
     record: Record
+    # A conversation item (docs/conversations.md): the earlier turns (`diffa2.chat.Turn`s whose clips' sources are
+    # `AudioRef`s) and the clips that open the asked turn; an item without them is one question about `audio`.
+    history: tuple = ()
+    question_audio: tuple[AudioRef, ...] = ()
+
+    @property
+    def is_conversation(self) -> bool:
+        return bool(self.history or self.question_audio)
