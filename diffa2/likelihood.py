@@ -56,6 +56,25 @@ def answer_token_logprobs(model, prompts: PromptInputs, answers: torch.Tensor, m
     holds (the rest is left out of attention; None: all of them). `model` is a DIFFA-2 model, a distributed
     wrapper of one, or a `Reference`.
     """
+    logits, targets = masked_answer_logits(model, prompts, answers, masks, mask_id, region)
+    logp = -F.cross_entropy(logits.float().transpose(1, 2), targets.flatten(0, 1), reduction="none")
+    return logp.view(masks.shape)
+
+
+def answer_token_logprobs_and_entropy(model, prompts: PromptInputs, answers: torch.Tensor, masks: torch.Tensor,
+                                      mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`answer_token_logprobs` and, from the same forward, the entropy `(n, R, L)` of the model's distribution at
+    each position (without gradient; DynaMO's token-level modulation reads it)."""
+    logits, targets = masked_answer_logits(model, prompts, answers, masks, mask_id)
+    log_probs = F.log_softmax(logits.float(), -1)
+    logp = log_probs.gather(-1, targets.flatten(0, 1)[..., None]).squeeze(-1)
+    entropy = -(log_probs.detach().exp() * log_probs.detach()).sum(-1)
+    return logp.view(masks.shape), entropy.view(masks.shape)
+
+
+def masked_answer_logits(model, prompts: PromptInputs, answers: torch.Tensor, masks: torch.Tensor, mask_id: int,
+                         region: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits `(n·R, L, V)` on `answers` masked by each of `masks (n, R, L)`, and the targets `(n, R, L)`."""
     n, rows, length = masks.shape
     targets = answers.expand(n, -1, -1)
     noisy = torch.where(masks, torch.full_like(targets, mask_id), targets)
@@ -63,8 +82,7 @@ def answer_token_logprobs(model, prompts: PromptInputs, answers: torch.Tensor, m
         region = torch.ones(rows, length, dtype=torch.bool, device=answers.device)
     logits = model(prompts.input_features, prompts.feature_lengths, prompts.prompt_ids, prompts.audio_slots,
                    noisy.flatten(0, 1), region.repeat(n, 1), answers_per_prompt=n * rows // len(prompts.prompt_ids))
-    logp = -F.cross_entropy(logits.float().transpose(1, 2), targets.flatten(0, 1), reduction="none")
-    return logp.view(masks.shape)
+    return logits, targets
 
 
 def scoring_estimator(n_draws: int = DEFAULT_DRAWS, form: str = DEFAULT_FORM) -> LikelihoodEstimator:

@@ -109,6 +109,7 @@ RULES: dict[str, Range] = {
     "tiny_llm_dim": POSITIVE_INT,
     "tiny_llm_layers": POSITIVE_INT,
     "tiny_num_queries": POSITIVE_INT,
+    "tiny_window_seconds": POSITIVE,
     "asr_warmup_steps": NON_NEGATIVE,
     "synth_seed": SEED,
     "answer_length": POSITIVE_INT,
@@ -133,6 +134,7 @@ RULES: dict[str, Range] = {
     "likelihood_samples": POSITIVE_INT,
     "kl_coef": NON_NEGATIVE,
     "ppo_epochs": POSITIVE_INT,
+    "rounds": POSITIVE_INT,  # bench/rl.py: timed rounds per decoder and timed steps
     # decoding (stages, eval, bench/decode.py)
     "gen_length": POSITIVE_INT,
     "gen_lengths": POSITIVE_INT,
@@ -164,6 +166,8 @@ RULES: dict[str, Range] = {
     "requests": POSITIVE_INT,
     # synthetic corpus
     "long_per_kind": POSITIVE_INT,  # the long-clip split's items per question kind
+    "multiturn_train": POSITIVE_INT,  # the multi-turn split's training conversations
+    "multiturn_per_kind": POSITIVE_INT,  # its test conversations per turn-2 kind
     "vocab_size": Range(263),  # 256 bytes + the 7 special tokens (diffa2.data.tokenizer.build_tokenizer)
     # every entry point
     "threads": POSITIVE_INT,

@@ -200,7 +200,8 @@ def non_finite_rewards(ctx: Ctx) -> object:
     item = RLItem("Is the pitch low, medium, or high?", "high", ("high", "low", "medium"))
     rewards, _ = score(lambda _, answer: REWARD_BY_ANSWER[answer], [item], list(REWARD_BY_ANSWER))
     objective = rl.resolve_objective(rl.RLArguments(), rl.rollout_decode(rl.RLArguments(), EvalArguments()))
-    advantages = group_advantages(objective, rewards, prompts=1)
+    one_group = torch.zeros(len(rewards), dtype=torch.long)
+    advantages = group_advantages(objective, rewards, one_group)
     dropped = int((~torch.isfinite(rewards)).sum())
     return f"dropped {dropped} of {len(rewards)} answers; advantages {[round(a, 4) for a in advantages.tolist()]}"
 
@@ -310,8 +311,8 @@ CASES = [
          rl_option_row("--group_size", "1")),
     Case("rl: refused --advantage hian", "error",
          "error: --advantage hian needs multi-turn items with a turn-level and a session-level reward (turn_ids, "
-         "turn_rewards): not built yet in the RL stage; choose one of grpo, dr_grpo, rloo (hian is reconstructed "
-         "from the abstract of arXiv:2603.01481: not the paper's equation, defaults guessed)",
+         "turn_rewards): not built yet in the RL stage; choose one of grpo, dr_grpo, rloo, opd, scope, dynamo "
+         "(hian is reconstructed from the abstract of arXiv:2603.01481: not the paper's equation, defaults guessed)",
          rl_command_row("--advantage", "hian")),
     Case("rl: --model that does not exist", "error",
          "nowhere: no such checkpoint directory; expected the folder of a saved DIFFA-2 checkpoint",

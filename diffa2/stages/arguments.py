@@ -48,6 +48,8 @@ class ModelArguments:
     tiny_llm_dim: int = 128
     tiny_llm_layers: int = 4
     tiny_num_queries: int = 8
+    tiny_window_seconds: float = field(
+        default=4.0, metadata={"help": "tiny preset: the encoder's window in seconds (a positive multiple of 10 ms)"})
     asr_warmup_steps: int = field(
         default=0,
         metadata={"help": "tiny preset from scratch: first train this many steps of transcription on the "

@@ -107,6 +107,7 @@ def build_model(
             llm_dim=model_args.tiny_llm_dim,
             llm_layers=model_args.tiny_llm_layers,
             num_queries=model_args.tiny_num_queries,
+            window_seconds=model_args.tiny_window_seconds,
             speech_path=model_args.speech_path,
         )
         config.tokenizer_source = str(synth_tokenizer.resolve())
@@ -252,7 +253,8 @@ class StageRun:
         options = {"output_dir": warm_dir, "max_steps": steps, "synth_dir": d.synth_dir, "synth_seed": d.synth_seed,
                    "synth_size": d.synth_size, "tiny_encoder_dim": m.tiny_encoder_dim,
                    "tiny_encoder_layers": m.tiny_encoder_layers, "tiny_llm_dim": m.tiny_llm_dim,
-                   "tiny_llm_layers": m.tiny_llm_layers, "tiny_num_queries": m.tiny_num_queries, "seed": t.seed,
+                   "tiny_llm_layers": m.tiny_llm_layers, "tiny_num_queries": m.tiny_num_queries,
+                   "tiny_window_seconds": m.tiny_window_seconds, "seed": t.seed,
                    "per_device_train_batch_size": t.per_device_train_batch_size, "eval_limit": e.eval_limit,
                    "report_to": "none", "disable_tqdm": t.disable_tqdm, "threads": torch.get_num_threads(),
                    # this run owns the folder: a fresh run replaces an earlier warm-up, a resumed one continues it

@@ -13,8 +13,12 @@ One optimizer step on P prompts (`rollout.py` has the details):
    `--kl_coef` x the KL estimator `--kl` to the reference; the same rollout serves `--ppo_epochs` updates, so ratios
    and clipping come into play from the second.
 
-The objectives that need more than one reward per answer, a teacher or an allocation of rollouts (dual-track GRPO,
-HIAN, GTPO, OPD, SCOPE, DynaMO) are refused with what they need (`REFUSED_ADVANTAGES`): they are not built yet.
+OPD and SCOPE (`--advantage opd|scope --teacher CKPT`) take their per-token advantages from a frozen teacher's
+likelihood of the student's own answers (same estimator, same draws); SCOPE routes by the answers' correctness.
+DynaMO (`--advantage dynamo`) allocates the step's `group_size x P` answers across its prompts by the variance proxy
+of their success rates so far and modulates GRPO's advantages per token at every update. The objectives that need
+two-segment answers or multi-turn items (dual-track GRPO, HIAN, GTPO) are refused with what they need
+(`REFUSED_ADVANTAGES`).
 The stage composes the shared lifecycle (`lifecycle.StageRun`: corpus, model, data, train, save, evaluate, report)
 as VRPO does, and adds the synthetic test accuracy before training, the reward curve (reward.png) and the KL.
 
@@ -32,10 +36,12 @@ from pathlib import Path
 
 import torch
 
+from diffa2.chat import ChatFormat
 from diffa2.data.collate import SFTCollator
 from diffa2.data.dataset import AudioInstructionDataset
 from diffa2.diffusion.decoding import DecodeConfig
-from diffa2.modeling.checkpoint import read_checkpoint_config
+from diffa2.modeling.checkpoint import load_pretrained, read_checkpoint_config, resolve_source
+from diffa2.modeling.model import DIFFA2Model
 from diffa2.modeling.safe_load import CheckpointError
 from diffa2.rl import (
     ADVANTAGE_ESTIMATORS,
@@ -55,27 +61,27 @@ from diffa2.stages.plots import plot_reward_curve
 from diffa2.stages.reference_models import make_reference
 from diffa2.stages.rewards import get_reward, rl_item
 from diffa2.stages.rollout import (
+    DISTILLATION,
     Objective,
     PromptBatch,
     Rollout,
+    RolloutAllocator,
+    RolloutSeeds,
     make_rollout,
     rollout_loss,
     rollout_metrics,
-    rollout_seeds,
     with_agg_mode,
 )
 from diffa2.stages.runner import DIFFA2Trainer
 from diffa2.validation import OptionError
 
-SUPPORTED_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+SUPPORTED_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "opd", "scope", "dynamo")
+TOKEN_LEVEL = (*DISTILLATION, "dynamo")  # per-token advantages: they need per-token likelihoods (not spg's one value)
 # What each refused advantage estimator needs that the stage does not build yet (issue 16, part 3).
 REFUSED_ADVANTAGES = {
     "dual_track": "answers in two segments, each with its own reward and its own tokens (track_scores, track_masks)",
     "hian": "multi-turn items with a turn-level and a session-level reward (turn_ids, turn_rewards)",
     "gtpo": "multi-turn items with a cumulative score after each turn (turn_ids, turn_rewards)",
-    "opd": "a teacher checkpoint scoring the student's own samples (teacher_log_prob)",
-    "scope": "a teacher checkpoint scoring the student's samples, routed by correctness (teacher_log_prob, correct)",
-    "dynamo": "rollouts allocated across prompts by its variance proxy, and per-token entropies (entropy)",
 }
 
 
@@ -103,8 +109,9 @@ class RLArguments:
                                            "token masked w.p. t, weight 1/t); aliases l = count, t = ratio"}
     )
     advantage: str = field(default="grpo", metadata={
-        "help": f"advantage estimator: {', '.join(SUPPORTED_ADVANTAGES)}; registered but refused until the stage "
-                f"provides what they need: {ADVANTAGE_ESTIMATORS.describe(REFUSED_ADVANTAGES)}"})
+        "help": f"advantage estimator: {ADVANTAGE_ESTIMATORS.describe(SUPPORTED_ADVANTAGES)}; registered but "
+                f"refused until the stage provides what they need: "
+                f"{ADVANTAGE_ESTIMATORS.describe(REFUSED_ADVANTAGES)}"})
     policy_loss: str = field(default="grpo", metadata={"help": f"policy loss: {POLICY_LOSSES.describe()}"})
     loss_agg_mode: str | None = field(
         default=None, metadata={"help": "token-mean, seq-mean-token-sum, seq-mean-token-mean or "
@@ -113,6 +120,9 @@ class RLArguments:
     kl: str = field(default="k3", metadata={"help": "KL estimator: k1, k2, k3, abs, k1+, k3+ (kl, mse, low_var_kl)"})
     kl_coef: float = field(default=0.04, metadata={"help": "weight of the KL to the reference (GRPO: 0.04)"})
     ppo_epochs: int = field(default=2, metadata={"help": "optimizer steps per rollout batch"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "checkpoint of the teacher of --advantage opd and scope (e.g. a stronger stage-3 model; the same "
+                "tokenizer as the student)"})
 
     def __post_init__(self) -> None:
         """Every name is looked up: an unknown one is an `OptionError` naming the flag and listing the valid names."""
@@ -129,6 +139,10 @@ class RLArguments:
             self.elbo_form = masking_form(self.elbo_form)
         except ValueError as err:
             raise OptionError(f"--elbo_form: {err}") from None
+        if (self.advantage in DISTILLATION) != bool(self.teacher):
+            raise OptionError(f"--teacher CKPT is needed by --advantage {self.advantage}" if self.teacher is None else
+                              f"--teacher is read by --advantage {' or '.join(DISTILLATION)} only, not "
+                              f"{self.advantage}")
 
 
 def rollout_decode(rl: RLArguments, eval_args: EvalArguments) -> DecodeConfig:
@@ -145,6 +159,10 @@ def resolve_objective(rl: RLArguments, decode: DecodeConfig) -> Objective:
         raise NotImplementedError(f"--advantage {rl.advantage} needs {need}: not built yet in the RL stage; "
                                   f"choose one of {', '.join(SUPPORTED_ADVANTAGES)}"
                                   + (f" ({rl.advantage} is {note})" if note else ""))
+    if rl.advantage in TOKEN_LEVEL and rl.likelihood == "spg":
+        raise NotImplementedError(f"--advantage {rl.advantage} gives each token its own advantage, and --likelihood "
+                                  f"spg one value per answer (its bound chosen by the answer's advantage); choose "
+                                  f"--likelihood d1_one_step or elbo")
     estimator_cls = get_likelihood_estimator(rl.likelihood)
     # the model's forward masks answer tokens only, never prompt tokens: d1's and SPG's prompt masking is off
     if rl.likelihood == "d1_one_step":
@@ -163,9 +181,23 @@ def resolve_objective(rl: RLArguments, decode: DecodeConfig) -> Objective:
         raise NotImplementedError(f"--likelihood {rl.likelihood} is registered but the RL stage does not know its "
                                   f"options yet; choose d1_one_step, elbo or spg")
     policy_loss = get_policy_loss(rl.policy_loss)
-    return Objective(estimator=estimator, advantage=get_advantage_estimator(rl.advantage), policy_loss=policy_loss,
+    dynamo = rl.advantage == "dynamo"  # GRPO's advantages, modulated per token
+    return Objective(estimator=estimator, advantage=get_advantage_estimator("grpo" if dynamo else rl.advantage),
+                     policy_loss=policy_loss,
                      policy_config=with_agg_mode(policy_loss.default_config(), rl.loss_agg_mode),
-                     kl=get_kl_estimator(rl.kl), kl_coef=rl.kl_coef)
+                     kl=get_kl_estimator(rl.kl), kl_coef=rl.kl_coef,
+                     modulation=get_advantage_estimator("dynamo") if dynamo else None)
+
+
+def load_teacher(path: str, chat: ChatFormat) -> DIFFA2Model:
+    """The frozen teacher of OPD and SCOPE, in eval mode; it scores the student's token ids, so its tokenizer must
+    be the student's."""
+    teacher = load_pretrained(path)
+    own = ChatFormat.from_pretrained(resolve_source(teacher.config.tokenizer_source, Path(path)))
+    if own.ids != chat.ids or own.tokenizer.get_vocab() != chat.tokenizer.get_vocab():
+        raise ValueError(f"--teacher {path}: its tokenizer differs from the student's; the teacher scores the "
+                         f"student's answers token by token, so both need the same tokenizer")
+    return teacher.requires_grad_(False).eval()
 
 
 class RLCollator:
@@ -177,7 +209,8 @@ class RLCollator:
     def __call__(self, examples: list) -> dict:
         features, lengths, prompt_ids, audio_slots = self.collator.encode_inputs(examples)
         return vars(PromptBatch(features, lengths, prompt_ids, audio_slots,
-                                [rl_item(ex.instruction, ex.answer) for ex in examples]))
+                                [rl_item(ex.instruction, ex.answer) for ex in examples],
+                                [f"{ex.audio_key}\n{ex.instruction}" for ex in examples]))
 
 
 class RLTrainer(DIFFA2Trainer):
@@ -188,7 +221,8 @@ class RLTrainer(DIFFA2Trainer):
     `actor/ppo_kl` and the policy loss's other metrics.
     """
 
-    def __init__(self, *args, chat, rl: RLArguments, objective: Objective, decode: DecodeConfig, **kwargs) -> None:
+    def __init__(self, *args, chat, rl: RLArguments, objective: Objective, decode: DecodeConfig,
+                 teacher: DIFFA2Model | None = None, **kwargs) -> None:
         super().__init__(*args, chat=chat, **kwargs)
         if zero3_enabled(self):
             raise NotImplementedError("the RL stage decodes its rollouts with the whole policy on each device: "
@@ -196,6 +230,8 @@ class RLTrainer(DIFFA2Trainer):
         self.reference = make_reference(self.model, self)  # the model as loaded
         self.rl, self.objective, self.decode = rl, objective, decode
         self.reward = get_reward(rl.reward)
+        self.teacher = teacher
+        self.allocator = RolloutAllocator(rl.group_size) if rl.advantage == "dynamo" else None
         self.rollouts: dict[int, Rollout] = {}  # by micro-batch of the optimizer step
         self.dropped_rewards = 0
         self._calls = 0
@@ -203,12 +239,17 @@ class RLTrainer(DIFFA2Trainer):
 
     def new_rollout(self, model, prompts: PromptBatch, step: int, micro_batch: int) -> Rollout:
         """Sample, score and evaluate a rollout batch for `prompts`, seeded by the run's seed, step and micro-batch."""
-        rows = self.rl.group_size * len(prompts.items)
-        *seeds, draw_seed = rollout_seeds(self.args.seed, step, micro_batch, rows + 1)
-        generator = torch.Generator(device=prompts.input_features.device).manual_seed(draw_seed)
-        rollout = make_rollout(self.accelerator.unwrap_model(model), self.reference, self.chat, prompts,
-                               self.objective, reward=self.reward, group_size=self.rl.group_size,
-                               decode=self.decode, seeds=seeds, generator=generator)
+        first_prompt = self.args.process_index * len(prompts.items)  # its number in the step's global batch
+        seeds = RolloutSeeds(self.args.seed, step, micro_batch, first_prompt)
+        counts = None if self.allocator is None else self.allocator.allocate(prompts.keys)
+        policy = self.accelerator.unwrap_model(model)
+        if self.teacher is not None:  # where and in what dtype the policy runs (bf16 under DeepSpeed, as its inputs)
+            self.teacher.to(device=prompts.input_features.device, dtype=next(policy.parameters()).dtype)
+        rollout = make_rollout(policy, self.reference, self.chat, prompts, self.objective, reward=self.reward,
+                               group_size=self.rl.group_size, decode=self.decode, seeds=seeds, counts=counts,
+                               teacher=self.teacher)
+        if self.allocator is not None:
+            self.allocator.update(prompts.keys, rollout.index, rollout.rewards)
         dropped = int((~rollout.valid).sum())
         if dropped:
             self.dropped_rewards += dropped
@@ -293,7 +334,8 @@ class RLStage:
         collator = SFTCollator(run.chat, run.qa.featurizer, feature_cache_items=run.data_args.feature_cache_items)
         return RLTrainer(model=run.model, args=run.train_args, train_dataset=run.dataset,
                          data_collator=RLCollator(collator), chat=run.chat, rl=self.rl_args,
-                         objective=self.objective, decode=self.decode, audio_lr_scale=run.train_args.audio_lr_scale)
+                         objective=self.objective, decode=self.decode, audio_lr_scale=run.train_args.audio_lr_scale,
+                         teacher=load_teacher(self.rl_args.teacher, run.chat) if self.rl_args.teacher else None)
 
     def run(self) -> dict:
         run = self.lifecycle
@@ -339,6 +381,11 @@ def main(argv: list[str] | None = None) -> dict:
         init = previous_checkpoint(model_args, SPEC, Path(train_args.output_dir))
         if init is not None:
             read_checkpoint_config(init)
+        if rl_args.teacher:
+            try:
+                read_checkpoint_config(Path(rl_args.teacher))
+            except CheckpointError as err:
+                raise SystemExit(f"error: --teacher {err}; expected the folder of a saved DIFFA-2 checkpoint") from None
     except (FileNotFoundError, NotImplementedError) as err:
         raise SystemExit(f"error: {err}") from None
     except CheckpointError as err:
