@@ -309,11 +309,11 @@ CASES = [
          rl_option_row("--policy_loss", "ppo")),
     Case("rl: --group_size 1", "error", "--group_size 1 is out of range: must be >= 2",
          rl_option_row("--group_size", "1")),
-    Case("rl: refused --advantage hian", "error",
-         "error: --advantage hian needs multi-turn items with a turn-level and a session-level reward (turn_ids, "
-         "turn_rewards): not built yet in the RL stage; choose one of grpo, dr_grpo, rloo, opd, scope, dynamo "
-         "(hian is reconstructed from the abstract of arXiv:2603.01481: not the paper's equation, defaults guessed)",
-         rl_command_row("--advantage", "hian")),
+    Case("rl: refused --advantage dual_track", "error",
+         "error: --advantage dual_track needs answers in two segments, each with its own reward and its own tokens "
+         "(track_scores, track_masks): not built yet in the RL stage; choose one of grpo, dr_grpo, rloo, opd, "
+         "scope, dynamo, hian, gtpo",
+         rl_command_row("--advantage", "dual_track")),
     Case("rl: --model that does not exist", "error",
          "nowhere: no such checkpoint directory; expected the folder of a saved DIFFA-2 checkpoint",
          rl_command_row("--model", "nowhere")),

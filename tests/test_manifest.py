@@ -79,6 +79,16 @@ def test_recipe_weights_and_synth_placeholder(tmp_path):
         DataRecipe.from_dict({"train": [{"path": "x", "wieght": 1}]})
 
 
+def test_recipe_source_keeps_only_instructions_holding_a_text(tmp_path):
+    records = [{**record(i), "input": f"Q{i}\nChoices:\nA. x" if i % 3 == 0 else f"Q{i}"} for i in range(7)]
+    (tmp_path / "m.json").write_text(json.dumps(records))
+    recipe = DataRecipe.from_dict({"train": [{"path": "{synth}/m.json", "instruction_contains": "Choices:"}]})
+    items, _ = load_split(recipe.train, synth_dir=tmp_path, seed=0)
+    assert [item.record.fields["input"].split("\n")[0] for item in items] == ["Q0", "Q3", "Q6"]
+    with pytest.raises(ValueError, match="'instruction_contains' must be a string or null"):
+        DataRecipe.from_dict({"train": [{"path": "x", "instruction_contains": 3}]})
+
+
 def test_bad_audio_is_skipped_counted_and_replaced(tmp_path, capsys):
     write_wavs(tmp_path, 3)
     (tmp_path / "1.wav").write_bytes(b"RIFF garbage")

@@ -274,8 +274,8 @@ def test_a_nan_reward_is_dropped_and_counted(chat):
 
 
 def test_refused_objective_ends_the_command_before_building_anything(tmp_path):
-    with pytest.raises(SystemExit, match=r"error: --advantage hian needs multi-turn items"):
-        rl.main(["--output_dir", str(tmp_path / "rl"), "--advantage", "hian"])
+    with pytest.raises(SystemExit, match=r"error: --advantage dual_track needs answers in two segments"):
+        rl.main(["--output_dir", str(tmp_path / "rl"), "--advantage", "dual_track"])
     assert not (tmp_path / "rl").exists()
 
 

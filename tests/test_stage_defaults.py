@@ -22,8 +22,8 @@ FIELDS = {
     acoustic: ["recipe", "answer_length", "gen_length", "block_length", "steps", "test_prompt"],
     vrpo: ["recipe", "max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "logging_steps",
            "save_steps"],
-    rl: ["recipe", "max_steps", "per_device_train_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps",
-         "logging_steps", "save_steps"],
+    rl: ["recipe", "max_steps", "per_device_train_batch_size", "group_size", "rollout_temperature", "learning_rate",
+         "lr_scheduler_type", "warmup_steps", "logging_steps", "save_steps"],
 }
 ids = [stage.SPEC.name for stage in STAGES]
 

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from diffa2.chat import Conversation, Question
 from diffa2.eval.scoring import named_options, word_set, wordset_match
 from diffa2.rl import Registry
 
@@ -63,8 +64,10 @@ def choices_in_prompt(prompt: str) -> tuple[str, ...]:
     return tuple(choices)
 
 
-def rl_item(prompt: str, target: str) -> RLItem:
-    """The reward's view of a training item: the choices are read from its MMAU-style prompt."""
+def rl_item(question: Question, target: str) -> RLItem:
+    """The reward's view of a training item: the choices are read from its MMAU-style prompt (a conversation: its
+    last user turn, the one `target` answers)."""
+    prompt = question.turns[-1].text if isinstance(question, Conversation) else question
     return RLItem(prompt, target, choices_in_prompt(prompt))
 
 

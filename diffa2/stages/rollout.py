@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from diffa2.chat import ChatFormat
+from diffa2.chat import ChatFormat, Question
 from diffa2.diffusion.decoding import DecodeConfig, generate
 from diffa2.likelihood import answer_token_logprobs, answer_token_logprobs_and_entropy
 from diffa2.rl import (
@@ -44,6 +44,7 @@ from diffa2.rl import (
 from diffa2.stages.rewards import RewardFn, RLItem, mc_correct
 
 DISTILLATION = ("opd", "scope")  # advantage estimators that read a teacher's likelihood of the student's answers
+TURN_LEVEL = ("hian", "gtpo")  # advantage estimators of multi-turn sessions (`turn_rollout.py`)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class PromptBatch:
     audio_slots: list[int]
     items: list[RLItem]
     keys: list[str] | None = None  # identifies each prompt across steps (DynaMO's history); None: not tracked
+    questions: list[Question] | None = None  # what each prompt asks (a conversation: its turns; `turn_rollout.py`)
 
     def rows(self, index: torch.Tensor) -> PromptBatch:
         """The prompts of `index (R,)`, one per row: a prompt repeated once for each of its answers."""
@@ -63,7 +65,8 @@ class PromptBatch:
         return PromptBatch(self.input_features[index.to(self.input_features.device)],
                            self.feature_lengths[index.to(self.feature_lengths.device)],
                            [self.prompt_ids[r] for r in rows], [self.audio_slots[r] for r in rows],
-                           [self.items[r] for r in rows], None if self.keys is None else [self.keys[r] for r in rows])
+                           [self.items[r] for r in rows], None if self.keys is None else [self.keys[r] for r in rows],
+                           None if self.questions is None else [self.questions[r] for r in rows])
 
 
 @dataclass(frozen=True)
@@ -208,8 +211,14 @@ def make_rollout(policy, reference, chat: ChatFormat, prompts: PromptBatch, obje
     """Sample, score and evaluate one rollout batch; `policy` is the unwrapped model.
 
     `counts (P,)`: answers per prompt (DynaMO's allocation; None: `group_size` each). `teacher`: the model whose
-    likelihood of the answers gives OPD's and SCOPE's advantages.
+    likelihood of the answers gives OPD's and SCOPE's advantages. HIAN and GTPO play multi-turn sessions instead
+    (`turn_rollout.make_turn_rollout`).
     """
+    if objective.advantage.name in TURN_LEVEL:
+        from diffa2.stages.turn_rollout import make_turn_rollout  # it builds on this module
+
+        return make_turn_rollout(policy, reference, chat, prompts, objective, reward=reward, group_size=group_size,
+                                 decode=decode, seeds=seeds)
     if counts is None:
         index = torch.arange(len(prompts.items)).repeat(group_size)
         answers = sample_group(policy, chat, prompts, group_size, decode, seeds.group(len(prompts.items), group_size))
