@@ -290,7 +290,7 @@ def test_command_runs_end_to_end_and_writes_checkpoint_summary_and_reward_plot(t
     # ppo_epochs 2: one rollout of 2 prompts x 2 answers for the two steps; every other reward was NaN
     assert len(CALLS) == 4 and written["rl_log"]["dropped_rewards"] == 2
     assert written["before"]["test"]["total"] == written["test"]["total"] == 4
-    assert written["rl"]["group_size"] == 2 and written["rl"]["rollout_decoding"]["temperature"] == 1.0
+    assert written["rl"]["group_size"] == 2 and written["rl"]["rollout_decoding"]["temperature"] == 0.5
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     first = next(entry for entry in log if "loss" in entry)
     assert {"reward/mean", "rollout/accuracy", "actor/kl", "actor/pg_clipfrac", "rollout/dropped"} <= set(first)
