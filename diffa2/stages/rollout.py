@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from diffa2.chat import ChatFormat, Question
+from diffa2.data.collate import clip_counts
 from diffa2.diffusion.decoding import DecodeConfig, generate
 from diffa2.likelihood import answer_token_logprobs, answer_token_logprobs_and_entropy
 from diffa2.rl import (
@@ -51,19 +52,21 @@ TURN_LEVEL = ("hian", "gtpo")  # advantage estimators of multi-turn sessions (`t
 class PromptBatch:
     """P prompts with their audio: what the model needs to answer them, and what the rewards need."""
 
-    input_features: torch.Tensor  # (P, n_mels, frames)
-    feature_lengths: torch.Tensor  # (P,)
+    input_features: torch.Tensor  # (clips, n_mels, frames): one row per clip, prompts' clips in order
+    feature_lengths: torch.Tensor  # (clips,)
     prompt_ids: list[list[int]]
-    audio_slots: list[int]
+    audio_slots: list[int | list[int]]  # a prompt's slot, or one per clip (a conversation)
     items: list[RLItem]
     keys: list[str] | None = None  # identifies each prompt across steps (DynaMO's history); None: not tracked
     questions: list[Question] | None = None  # what each prompt asks (a conversation: its turns; `turn_rollout.py`)
 
     def rows(self, index: torch.Tensor) -> PromptBatch:
-        """The prompts of `index (R,)`, one per row: a prompt repeated once for each of its answers."""
+        """The prompts of `index (R,)`, one per row: a prompt repeated once for each of its answers, with its clips."""
         rows = index.tolist()
-        return PromptBatch(self.input_features[index.to(self.input_features.device)],
-                           self.feature_lengths[index.to(self.feature_lengths.device)],
+        starts = np.cumsum([0, *clip_counts(self.audio_slots)]).tolist()
+        clips = torch.tensor([c for r in rows for c in range(starts[r], starts[r + 1])], dtype=torch.long)
+        return PromptBatch(self.input_features[clips.to(self.input_features.device)],
+                           self.feature_lengths[clips.to(self.feature_lengths.device)],
                            [self.prompt_ids[r] for r in rows], [self.audio_slots[r] for r in rows],
                            [self.items[r] for r in rows], None if self.keys is None else [self.keys[r] for r in rows],
                            None if self.questions is None else [self.questions[r] for r in rows])
@@ -184,6 +187,18 @@ def score(reward: RewardFn, items: Sequence[RLItem], texts: Sequence[str]) -> tu
     return rewards, correct
 
 
+def rollout_and_reference_values(policy: torch.nn.Module, reference: torch.nn.Module, values: Callable) -> tuple:
+    """`values(policy)` in eval mode (the rollout policy's: old log-probs and their mask, train mode restored) and
+    `values(reference)`'s first item: (old, mask, ref)."""
+    was_training = policy.training
+    policy.eval()
+    try:
+        old, mask = values(policy)
+    finally:
+        policy.train(was_training)
+    return old, mask, values(reference)[0]
+
+
 def group_advantages(objective: Objective, rewards: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`(R,)` advantages by the registered estimator, groups = `index (R,)`; dropped (non-finite) rewards get 0."""
     valid = torch.isfinite(rewards)
@@ -252,13 +267,7 @@ def evaluate_answers(policy, reference, chat: ChatFormat, prompts: PromptBatch, 
         token_logp = answer_token_logprobs(model, prompts, answers, draws.masks, chat.ids.mask)
         return likelihood_view(objective.estimator, token_logp, draws, advantages)
 
-    was_training = policy.training
-    policy.eval()
-    try:
-        old, mask = values(policy)
-    finally:
-        policy.train(was_training)
-    ref, _ = values(reference)
+    old, mask, ref = rollout_and_reference_values(policy, reference, values)
     mask = mask & torch.isfinite(rewards).to(device)[:, None]
     token_advantages, metrics = None, {}
     if distill:

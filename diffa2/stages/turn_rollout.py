@@ -39,6 +39,7 @@ from diffa2.stages.rollout import (
     RolloutSeeds,
     likelihood_view,
     reward_value,
+    rollout_and_reference_values,
     sample_group,
 )
 
@@ -179,13 +180,7 @@ def evaluate_turns(policy, reference, chat: ChatFormat, prompts: PromptBatch, se
         token_logp = answer_token_logprobs(model, batch, answers, draws.masks, chat.ids.mask)
         return likelihood_view(objective.estimator, token_logp, draws, advantages)
 
-    was_training = policy.training
-    policy.eval()
-    try:
-        old, mask = values(policy)
-    finally:
-        policy.train(was_training)
-    ref, _ = values(reference)
+    old, mask, ref = rollout_and_reference_values(policy, reference, values)
     mask = mask & valid[session_of].to(device)[:, None]
     token_advantages = torch.where(mask, token_advantages, torch.zeros_like(token_advantages))
     right = torch.zeros(n_sessions, turns)
