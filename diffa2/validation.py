@@ -162,6 +162,7 @@ RULES: dict[str, Range] = {
     "max_question_chars": POSITIVE_INT,
     "max_n": POSITIVE_INT,
     "max_gen_length": POSITIVE_INT,
+    "max_clips": POSITIVE_INT,
     "clients": POSITIVE_INT,  # bench/serve.py
     "requests": POSITIVE_INT,
     # synthetic corpus

@@ -13,7 +13,7 @@ from helpers import clip, small_run_args
 from tiny_checkpoints import write_llada_8b_config, write_whisper_large_v3_config
 
 from diffa2.audio import LogMelFeaturizer
-from diffa2.chat import ChatFormat
+from diffa2.chat import AudioRef, ChatFormat, Conversation, Turn
 from diffa2.config import read_yaml_config
 from diffa2.data.collate import SFTCollator, SFTExample
 from diffa2.data.dataset import TokenBudget, items_within
@@ -184,3 +184,22 @@ def test_a_row_never_gets_padding_past_its_window(chat):
     batch = SFTCollator(chat, featurizer, answer_length=None, text_window=window)(examples)
     assert batch.answer_ids.shape[1] == long and long > short + 2
     assert batch.answer_mask.tolist() == [[True] * (short + 2) + [False] * (long - short - 2), [True] * long]
+
+
+def test_a_two_clip_row_is_cut_to_the_room_its_two_clips_leave(chat):
+    """A row holding two clips has one clip's speech tokens less room than `text_window` (a one-clip row's)."""
+    speech = 50  # speech tokens of a full clip
+    conversation = Conversation((Turn("user", (AudioRef(), "Pitch?")), Turn("assistant", ("high",)),
+                                 Turn("user", (AudioRef(), "Which clip is louder?"))))
+    examples = [SFTExample([clip(1.0), clip(1.0, 500.0)], conversation, "two"),
+                SFTExample(clip(1.0), "Pitch?", "two three four loud quiet")]
+    two_clips, one_clip = (len(chat.encode(ex.instruction)[0]) for ex in examples)
+    short, long = (len(chat.encode_answer(ex.answer)) for ex in examples)
+    window = two_clips + 2 * speech + short + 2  # row 0 holds its answer and 2 EOS besides its prompt and clips
+    budget = TokenBudget(window, speech, canvas=None)  # both items fit, as `items_within` would check them
+    assert budget.problem(two_clips, short, clips=2) is None and budget.problem(one_clip, long, clips=1) is None
+    batch = SFTCollator(chat, LogMelFeaturizer(80, 4.0), text_window=window - speech, speech_tokens=speech)(examples)
+    assert batch.input_features.shape[0] == 3 and batch.answer_ids.shape[1] == long and long > short + 2
+    assert batch.answer_mask.tolist() == [[True] * (short + 2) + [False] * (long - short - 2), [True] * long]
+    held = batch.answer_mask.sum(1).tolist()
+    assert two_clips + 2 * speech + held[0] == window and one_clip + speech + held[1] <= window

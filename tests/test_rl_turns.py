@@ -18,12 +18,14 @@ from rl_distributed_entry import LENGTH_REWARD
 from diffa2.audio import LogMelFeaturizer
 from diffa2.chat import AudioRef, Conversation, Turn
 from diffa2.data.collate import SFTCollator, SFTExample
+from diffa2.data.recipe import DataRecipe, load_split
 from diffa2.data.synth import format_mc_prompt
 from diffa2.diffusion.decoding import DecodeConfig
 from diffa2.stages import rl
 from diffa2.stages.reference_models import FrozenReference
 from diffa2.stages.rewards import RLItem, get_reward, register_reward
 from diffa2.stages.rollout import PromptBatch, RolloutSeeds, make_rollout, rollout_loss, rollout_metrics
+from diffa2.stages.runner import REPO_ROOT
 from diffa2.stages.turn_rollout import evaluate_turns, play_sessions, sessions_of, turn_prompts
 
 DECODE = DecodeConfig(gen_length=8, block_length=8, steps=4, temperature=1.0)
@@ -73,6 +75,15 @@ def test_turn_prompts_hold_the_policys_own_answers_and_the_clips_so_far(chat):
     # clips: turn 1 has clip one; turn 2 clips one and two; the single question its own clip
     assert torch.equal(batch.input_features, prompts.input_features[[0, 0, 1, 2]])
     assert [i.target for i in batch.items] == ["high", "two", "two"]
+
+
+def test_prompt_rows_carry_each_prompts_own_clips(chat):
+    prompts = prompt_batch(chat)  # features: clip rows 0, 1 (the two-clip conversation), then 2 (the single question)
+    rows = prompts.rows(torch.tensor([1, 0, 0, 1]))
+    assert torch.equal(rows.input_features, prompts.input_features[[2, 0, 1, 0, 1, 2]])
+    assert torch.equal(rows.feature_lengths, prompts.feature_lengths[[2, 0, 1, 0, 1, 2]])
+    assert rows.audio_slots == [prompts.audio_slots[i] for i in (1, 0, 0, 1)] and len(rows.audio_slots[1]) == 2
+    assert [i.target for i in rows.items] == ["two"] * 4 and rows.prompt_ids[3] == prompts.prompt_ids[1]
 
 
 def answers(chat, texts: list[str]) -> torch.Tensor:
@@ -176,6 +187,18 @@ def multiturn_recipe(tmp_path_factory):
     recipe.write_text(f"name: rl-multiturn\ntrain:\n  - path: \"{written['train']}\"\n"
                       f"validation:\n  - path: \"{written['validation']}\"\n")
     return recipe
+
+
+def test_shipped_multiturn_rl_recipe_reads_the_multiturn_split(multiturn_recipe):
+    recipe = DataRecipe.load(REPO_ROOT / "data_recipes" / "synth_rl_multiturn.yaml")
+    root = multiturn_recipe.parent  # the split the fixture wrote: 4 training conversations, 1 validation one
+    for sources, name, conversations in ((recipe.train, "train", 4), (recipe.validation, "validation", 1)):
+        items, problems = load_split(sources, synth_dir=root, seed=0)
+        records = json.loads((root / f"multiturn_{name}.json").read_text())
+        prompts = [item.prompt() for item in items]
+        assert problems == [] and len(items) == len(records) == 2 * conversations
+        assert [(len(question.turns), len(clips)) for question, _, clips in prompts] == [(1, 1), (3, 1)] * conversations
+        assert [answer for _, answer, _ in prompts] == [record["messages"][-1]["content"] for record in records]
 
 
 @pytest.mark.parametrize("advantage", ["hian", "gtpo"])

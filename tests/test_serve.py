@@ -21,7 +21,7 @@ from diffa2.chat import AudioRef, Conversation, Turn
 from diffa2.diffusion.decoding import DecodeConfig
 from diffa2.inference import AudioQA
 from diffa2.serve.app import ServeOptions, create_app
-from diffa2.serve.cli import build_parser, served_name
+from diffa2.serve.cli import build_parser, request_limits, served_name
 from diffa2.serve.schema import Limits
 from diffa2.validation import parse_checked
 
@@ -297,6 +297,27 @@ def test_bearer_token(qa):
         assert httpx.get(f"{guarded.url}/health").status_code == 200  # liveness stays open
     finally:
         guarded.close()
+
+
+def test_max_clips_flag_sets_the_limit_a_request_is_refused_over(qa):
+    args = parse_checked(build_parser(), ["--max-clips", "2"])
+    limits = request_limits(args, window=2.0)
+    assert (limits.max_clips, limits.max_audio_seconds, request_limits(parse_checked(build_parser(), []), 2.0).max_clips
+            ) == (2, 2.0, 4)
+    with pytest.raises(SystemExit):
+        parse_checked(build_parser(), ["--max_clips", "0"])
+    limited = Server(qa, ServeOptions(MODEL, limits=limits))
+    try:
+        url = f"{limited.url}/v1/chat/completions"
+        over = httpx.post(url, json={**GOOD, "messages": user(*[audio_part(wav_bytes(0.2))] * 3), "max_tokens": 8})
+        assert over.status_code == 400
+        assert over.json()["error"] == {"message": "3 input_audio parts: a request carries at most 2 clips",
+                                        "type": "invalid_request_error", "param": "messages",
+                                        "code": "too_many_clips"}
+        within = httpx.post(url, json={**GOOD, "messages": user(*[audio_part(wav_bytes(0.2))] * 2), "max_tokens": 8})
+        assert within.status_code == 200
+    finally:
+        limited.close()
 
 
 def test_cli_defaults_and_names(tmp_path):

@@ -21,6 +21,11 @@ from diffa2.audio import LogMelFeaturizer
 from diffa2.chat import ChatFormat, Question
 
 
+def clip_counts(audio_slots: list[int | list[int]]) -> list[int]:
+    """How many clips (feature rows) each prompt holds: one per slot of a conversation's list, else one."""
+    return [len(slot) if isinstance(slot, list) else 1 for slot in audio_slots]
+
+
 class WithClips:
     """An example whose `wave` is one clip or a conversation's clips, and `audio_key` their key(s)."""
 
@@ -94,10 +99,11 @@ class CachedFeatures:
 class SFTCollator:
     """Examples -> `SFTBatch`; `answer_length` fixes the answer region (else the batch's longest answer).
 
-    `text_window`, when given, is how many prompt + answer tokens a row may hold (the backbone's window minus the
-    most speech tokens): answer positions of a row past it are left out of its answer region. With items checked
-    against the window beforehand (`dataset.items_within`), only EOS padding a longer batch-mate forced on the row
-    is ever left out.
+    `text_window`, when given, is how many prompt + answer tokens a one-clip row may hold (the backbone's window minus
+    the speech tokens of a full clip, `speech_tokens`); a row with k clips holds (k - 1) * `speech_tokens` fewer.
+    Answer positions of a row past its room are left out of its answer region. With items checked against the
+    window beforehand (`dataset.items_within`, which counts each item's clips the same way), only EOS padding a
+    longer batch-mate forced on the row is ever left out.
     """
 
     def __init__(
@@ -107,11 +113,13 @@ class SFTCollator:
         answer_length: int | None = None,
         feature_cache_items: int = 0,
         text_window: int | None = None,
+        speech_tokens: int = 0,
     ) -> None:
         self.chat = chat
         self.features = CachedFeatures(featurizer, feature_cache_items)
         self.answer_length = answer_length
         self.text_window = text_window
+        self.speech_tokens = speech_tokens
 
     def __call__(self, examples: list[SFTExample]) -> SFTBatch:
         features, feature_lengths, prompt_ids, audio_slots = self.encode_inputs(examples)
@@ -122,14 +130,16 @@ class SFTCollator:
             prompt_ids=prompt_ids,
             audio_slots=audio_slots,
             answer_ids=answer_ids,
-            answer_mask=self.answer_region(prompt_ids, answer_ids.shape[1]),
+            answer_mask=self.answer_region(prompt_ids, audio_slots, answer_ids.shape[1]),
         )
 
-    def answer_region(self, prompt_ids: list[list[int]], width: int) -> torch.Tensor:
+    def answer_region(self, prompt_ids: list[list[int]], audio_slots: list[int | list[int]],
+                      width: int) -> torch.Tensor:
         """`(B, width)` bool: the answer positions each row holds, all of them unless `text_window` cuts a row."""
         if self.text_window is None:
             return torch.ones(len(prompt_ids), width, dtype=torch.bool)
-        room = torch.tensor([self.text_window - len(ids) for ids in prompt_ids])
+        room = torch.tensor([self.text_window - (clips - 1) * self.speech_tokens - len(ids)
+                             for ids, clips in zip(prompt_ids, clip_counts(audio_slots), strict=True)])
         return torch.arange(width)[None, :] < room[:, None]
 
     def encode_inputs(

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
              help=f"most answers per request, OpenAI's n (default {LIMITS.max_n})")
     add_flag(parser, "--max_gen_length", type=int, default=LIMITS.max_gen_length,
              help=f"longest answer a request may ask for (default {LIMITS.max_gen_length})")
+    add_flag(parser, "--max_clips", type=int, default=LIMITS.max_clips,
+             help=f"most input_audio parts over all messages of a request (default {LIMITS.max_clips})")
     add_threads_option(parser)
     return parser
 
@@ -63,6 +65,13 @@ def served_name(checkpoint: Path) -> str:
     """`runs/sft/final` -> `sft`; any other directory -> its own name."""
     checkpoint = checkpoint.resolve()
     return checkpoint.parent.name if checkpoint.name == "final" else checkpoint.name
+
+
+def request_limits(args: argparse.Namespace, window: float) -> Limits:
+    """The request limits the flags set; `window` (the model's audio window, s) when no --max_audio_seconds."""
+    return Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_audio_seconds=args.max_audio_seconds or window,
+                  max_question_chars=args.max_question_chars, max_n=args.max_n,
+                  max_gen_length=args.max_gen_length, max_clips=args.max_clips)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -85,10 +94,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.max_audio_seconds is not None and args.max_audio_seconds > window:
         parser.error(f"--max_audio_seconds {args.max_audio_seconds:g} is over the model's audio window "
                      f"of {window:g} s")
-    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_audio_seconds=args.max_audio_seconds or window,
-                    max_question_chars=args.max_question_chars, max_n=args.max_n,
-                    max_gen_length=args.max_gen_length)
-    options = ServeOptions(model_name=args.served_model_name or served_name(Path(checkpoint)), limits=limits,
+    options = ServeOptions(model_name=args.served_model_name or served_name(Path(checkpoint)),
+                           limits=request_limits(args, window),
                            defaults=Defaults(args.decode_mode, args.gen_length), api_key=args.api_key,
                            max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     print(f"serving {checkpoint} as {options.model_name!r} on http://{args.host}:{args.port}/v1", flush=True)

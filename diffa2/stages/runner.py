@@ -166,7 +166,8 @@ class SFTStage(StageRun):
         budget = self.token_budget()
         collator = SFTCollator(self.chat, self.qa.featurizer, answer_length=budget.canvas,
                                feature_cache_items=self.data_args.feature_cache_items,
-                               text_window=budget.max_sequence_length - budget.speech_tokens)
+                               text_window=budget.max_sequence_length - budget.speech_tokens,
+                               speech_tokens=budget.speech_tokens)
         return DiffusionSFTTrainer(
             model=self.model,
             args=self.train_args,
