@@ -1,7 +1,7 @@
 """Stage 3: instruction SFT (masked diffusion) on both adapters, plus LoRA on the backbone at real scale.
 
 Embedded default (builds the synthetic corpus if missing, trains the tiny DIFFA-2 on CPU with a 2 s encoder window:
-600 steps of transcription, then 1500 of SFT, under 10 min on 2 idle cores; evaluates, saves):
+600 steps of transcription, then 1500 of SFT, 11 min on 2 idle cores; evaluates, saves):
     python -m diffa2.stages.sft
 Real DIFFA-2 recipe (frozen Whisper-large-v3 and LLaDA-8B-Instruct, LoRA r=8, from the stage-2 checkpoint):
     torchrun --nproc_per_node=8 -m diffa2.stages.sft --config stages/sft.yaml \
