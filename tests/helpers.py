@@ -54,6 +54,16 @@ def small_run_args(output_dir, synth_dir, steps, extra=()) -> list[str]:
             "--disable_tqdm", "true", *extra]
 
 
+def sft_stage_options(argv: list[str]) -> tuple:
+    """The option dataclasses `python -m diffa2.stages.sft` parses from `argv`: its embedded defaults (a 2 s window,
+    say), then the flags."""
+    from diffa2.config import parse_config
+    from diffa2.stages import sft
+    from diffa2.stages.cli import SFT_ARG_TYPES, stage_overrides
+
+    return parse_config(SFT_ARG_TYPES, argv, "test", overrides=stage_overrides("sft", sft.DEFAULTS, argv))
+
+
 def process_tree(pid: int) -> list[int]:
     """`pid` and every process it started, directly or not (read from Linux /proc), parents before children."""
     parents = {}

@@ -122,7 +122,8 @@ def test_vrpo_under_zero3_scores_like_a_frozen_reference_on_one_process(tmp_path
     # masked answers and what is left is float32 reduction order: measured <= 6e-8 on the losses and <= 2e-7 on the
     # rewards, which are ~0.1 after the first update, so a reference that followed the policy or held other weights is
     # off by ~0.1.
-    sft.main(run_args(tmp_path / "sft", small_corpus, 2, 4))
+    # the tiny preset's 4 s window (the SFT default's is 2 s): the reward bound below was measured with it
+    sft.main([*run_args(tmp_path / "sft", small_corpus, 2, 4), "--tiny_window_seconds", "4"])
     flags = ["--init_from", str(tmp_path / "sft" / "final"), "--learning_rate", "1e-3", "--warmup_steps", "0",
              "--pref_eval_samples", "2"]
     monkeypatch.setattr(ElboEstimator, "sample", alternate_answer_tokens_masked)

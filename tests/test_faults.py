@@ -12,12 +12,11 @@ from collections import namedtuple
 
 import pytest
 import torch
-from helpers import small_run_args
+from helpers import sft_stage_options, small_run_args
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import diffa2.modeling.checkpoint as checkpoint_module
-from diffa2.config import parse_config
 from diffa2.modeling.checkpoint import NonFiniteWeightsError, save_pretrained
 from diffa2.run_lock import LOCK_NAME
 from diffa2.stages import sft
@@ -31,8 +30,7 @@ ARG_TYPES = (ModelArguments, DataArguments, EvalArguments, StageTrainingArgument
 
 def stage_for(output_dir, corpus, steps, extra=()) -> SFTStage:
     """A set-up tiny SFT stage (the same run `python -m diffa2.stages.sft` would do with these flags)."""
-    args = parse_config(ARG_TYPES, small_run_args(output_dir, corpus, steps, extra), "test")
-    return SFTStage(sft.SPEC, *args).setup()
+    return SFTStage(sft.SPEC, *sft_stage_options(small_run_args(output_dir, corpus, steps, extra))).setup()
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:

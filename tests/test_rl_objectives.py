@@ -202,12 +202,16 @@ def test_teacher_goes_with_opd_and_scope_only():
 
 
 def test_scope_and_dynamo_commands_run_end_to_end(tmp_path, small_corpus):
-    sft.main(small_run_args(tmp_path / "sft", small_corpus, 2, ["--test_file", ""]))
+    # the student (--model none) is the tiny preset with its 4 s window; the SFT default's is 2 s
+    sft.main(small_run_args(tmp_path / "sft", small_corpus, 2, ["--test_file", "", "--tiny_window_seconds", "4"]))
     teacher = str(tmp_path / "sft" / "final")
     with pytest.raises(SystemExit, match=r"error: --teacher .*nowhere: no such checkpoint directory"):
         rl.main([*small_run_args(tmp_path / "bad", small_corpus, 2), "--model", "none", "--advantage", "opd",
                  "--teacher", str(tmp_path / "nowhere")])
     common = ["--model", "none", "--group_size", "2", "--per_device_train_batch_size", "2", "--test_file", ""]
+    with pytest.raises(ValueError, match=r"its encoder takes 4 s windows of 80 mel bins, the student's 2 s of 80"):
+        rl.main([*small_run_args(tmp_path / "window", small_corpus, 2), *common, "--tiny_window_seconds", "2",
+                 "--advantage", "opd", "--teacher", teacher])
     rl.main([*small_run_args(tmp_path / "scope", small_corpus, 2), *common, "--advantage", "scope",
              "--teacher", teacher])
     assert logged(tmp_path / "scope", "distill/reverse_kl")[0] != 0

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import small_run_args
+from helpers import sft_stage_options, small_run_args
 from safetensors.torch import load_file
 
 from diffa2.config import parse_config, read_yaml_config
@@ -58,8 +58,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, small_corpus):
         def on_step_end(self, args, state, control, **kwargs):
             control.should_training_stop = state.global_step >= 2
 
-    args = parse_config(ARG_TYPES, small_run_args(tmp_path / "resumed", small_corpus, 4), "test")
-    stage = SFTStage(sft.SPEC, *args).setup()
+    stage = SFTStage(sft.SPEC, *sft_stage_options(small_run_args(tmp_path / "resumed", small_corpus, 4))).setup()
     stage.trainer.add_callback(StopAfterTwo())
     stage.train()
     assert stage.trainer.state.global_step == 2

@@ -42,6 +42,7 @@ from diffa2.data.collate import SFTCollator
 from diffa2.data.dataset import AudioInstructionDataset
 from diffa2.diffusion.decoding import DecodeConfig
 from diffa2.modeling.checkpoint import load_pretrained, read_checkpoint_config, resolve_source
+from diffa2.modeling.configuration import DIFFA2Config
 from diffa2.modeling.model import DIFFA2Model
 from diffa2.modeling.safe_load import CheckpointError
 from diffa2.rl import (
@@ -190,10 +191,15 @@ def resolve_objective(rl: RLArguments, decode: DecodeConfig) -> Objective:
                      modulation=get_advantage_estimator("dynamo") if dynamo else None)
 
 
-def load_teacher(path: str, chat: ChatFormat) -> DIFFA2Model:
-    """The frozen teacher of OPD and SCOPE, in eval mode; it scores the student's token ids, so its tokenizer must
-    be the student's."""
+def load_teacher(path: str, chat: ChatFormat, student: DIFFA2Config) -> DIFFA2Model:
+    """The frozen teacher of OPD and SCOPE, in eval mode; it scores the student's token ids from the student's
+    log-mel features, so its tokenizer, window and mel bins must be the student's."""
     teacher = load_pretrained(path)
+    ours, theirs = (student.window_seconds, student.n_mels), (teacher.config.window_seconds, teacher.config.n_mels)
+    if ours != theirs:
+        raise ValueError(f"--teacher {path}: its encoder takes {theirs[0]:g} s windows of {theirs[1]} mel bins, the "
+                         f"student's {ours[0]:g} s of {ours[1]}; the teacher scores the student's features, so both "
+                         f"need the same")
     own = ChatFormat.from_pretrained(resolve_source(teacher.config.tokenizer_source, Path(path)))
     if own.ids != chat.ids or own.tokenizer.get_vocab() != chat.tokenizer.get_vocab():
         raise ValueError(f"--teacher {path}: its tokenizer differs from the student's; the teacher scores the "
@@ -337,10 +343,11 @@ class RLStage:
     def make_trainer(self) -> RLTrainer:
         run = self.lifecycle
         collator = SFTCollator(run.chat, run.qa.featurizer, feature_cache_items=run.data_args.feature_cache_items)
+        teacher = load_teacher(self.rl_args.teacher, run.chat, run.model.config) if self.rl_args.teacher else None
         return RLTrainer(model=run.model, args=run.train_args, train_dataset=run.dataset,
                          data_collator=RLCollator(collator), chat=run.chat, rl=self.rl_args,
                          objective=self.objective, decode=self.decode, audio_lr_scale=run.train_args.audio_lr_scale,
-                         teacher=load_teacher(self.rl_args.teacher, run.chat) if self.rl_args.teacher else None)
+                         teacher=teacher)
 
     def run(self) -> dict:
         run = self.lifecycle
