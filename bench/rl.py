@@ -40,10 +40,8 @@ from diffa2.data.dataset import AudioInstructionDataset
 from diffa2.data.recipe import DataSource, load_split
 from diffa2.data.synth import DEFAULT_CORPUS_DIR, ensure_synth_corpus
 from diffa2.diffusion.decoding import PRESETS, DecodeConfig
-from diffa2.inference import AudioQA
-from diffa2.modeling.checkpoint import load_pretrained, resolve_source
+from diffa2.inference import AudioQA, checkpoint_or_random_tiny
 from diffa2.modeling.model import DIFFA2Model
-from diffa2.modeling.presets import tiny_config
 from diffa2.rl import LIKELIHOOD_ESTIMATORS
 from diffa2.stages.reference_models import FrozenReference
 from diffa2.stages.rewards import choices_in_prompt, mc_correct
@@ -56,16 +54,11 @@ PHASES = ("rollout", "likelihoods", "update")
 
 
 def load_model(path: str | None, corpus_tokenizer: Path, seed: int) -> tuple[DIFFA2Model, ChatFormat]:
-    """A checkpoint and its tokenizer, or (no path) a random tiny DIFFA-2 on the synthetic corpus's tokenizer."""
-    if path is None:
-        chat = ChatFormat.from_pretrained(corpus_tokenizer)
-        torch.manual_seed(seed)
-        return DIFFA2Model(tiny_config(chat.ids, len(chat.tokenizer))), chat
-    if not (Path(path) / "config.json").is_file():
+    """`--model`'s checkpoint, or a random tiny DIFFA-2; a folder without a checkpoint ends the command."""
+    if path is not None and not (Path(path) / "config.json").is_file():
         raise SystemExit(f"error: --model {path}: no DIFFA-2 checkpoint there (config.json + model.safetensors); "
                          f"leave --model out to bench a random tiny model")
-    model = load_pretrained(path)
-    return model, ChatFormat.from_pretrained(resolve_source(model.config.tokenizer_source, Path(path)))
+    return checkpoint_or_random_tiny(path, corpus_tokenizer, seed)
 
 
 def load_prompts(manifest: Path, qa: AudioQA, count: int) -> PromptBatch:

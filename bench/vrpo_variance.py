@@ -23,20 +23,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from diffa2.chat import ChatFormat
 from diffa2.cli_flags import add_flag
 from diffa2.data.collate import PairCollator
 from diffa2.data.dataset import PreferenceDataset
 from diffa2.data.recipe import DataSource, load_split
 from diffa2.data.synth import ensure_synth_corpus
-from diffa2.inference import AudioQA
-from diffa2.modeling.checkpoint import load_pretrained, resolve_source
+from diffa2.inference import AudioQA, checkpoint_or_random_tiny
 from diffa2.modeling.model import DIFFA2Model
-from diffa2.modeling.presets import tiny_config
 from diffa2.rl import MASKING_FORMS, ElboEstimator, ElboPair, VRPOConfig, masking_form, paired_elbo
 from diffa2.stages.vrpo import answer_logprobs
 from diffa2.threads import add_threads_option, apply_threads
@@ -48,15 +44,6 @@ SETTINGS = {  # name: (n_t, n_yt, antithetic) as functions of the budget n
     "(c) optimal + antithetic": lambda n: (n, 1, True),
     "(d) antithetic only": lambda n: (1, n, True),
 }
-
-
-def load_model(path: str | None, synth_tokenizer: Path, seed: int) -> tuple[DIFFA2Model, ChatFormat]:
-    if path is None:
-        chat = ChatFormat.from_pretrained(synth_tokenizer)
-        torch.manual_seed(seed)
-        return DIFFA2Model(tiny_config(chat.ids, len(chat.tokenizer))), chat
-    model = load_pretrained(path)
-    return model, ChatFormat.from_pretrained(resolve_source(model.config.tokenizer_source, Path(path)))
 
 
 @torch.no_grad()
@@ -124,9 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
 
     corpus = ensure_synth_corpus(args.synth_dir)
-    reference, chat = load_model(args.reference, corpus.tokenizer_dir, args.seed)
+    reference, chat = checkpoint_or_random_tiny(args.reference, corpus.tokenizer_dir, args.seed)
     if args.policy:
-        policy, _ = load_model(args.policy, corpus.tokenizer_dir, args.seed)
+        policy, _ = checkpoint_or_random_tiny(args.policy, corpus.tokenizer_dir, args.seed)
         origin = f"policy {args.policy}"
     else:
         policy = perturbed(reference, args.perturb, args.seed)

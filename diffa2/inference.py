@@ -21,7 +21,20 @@ from diffa2.diffusion.decoding import DEFAULT_MODE, DecodeConfig, StepCallback, 
 from diffa2.likelihood import DEFAULT_DRAWS, DEFAULT_FORM, QuestionInputs, Scores, score_candidates, scoring_estimator
 from diffa2.modeling.checkpoint import load_pretrained, resolve_source
 from diffa2.modeling.model import DIFFA2Model, Prefix, SpeechEmbeddings
+from diffa2.modeling.presets import tiny_config
 
+
+def checkpoint_or_random_tiny(
+    path: str | Path | None, synth_tokenizer: Path, seed: int
+) -> tuple[DIFFA2Model, ChatFormat]:
+    """A checkpoint and the tokenizer it records, or (no path) a random tiny DIFFA-2 on the synthetic corpus's
+    tokenizer, initialised under `seed`: what a benchmark measures when it is given no trained model."""
+    if path is None:
+        chat = ChatFormat.from_pretrained(synth_tokenizer)
+        torch.manual_seed(seed)
+        return DIFFA2Model(tiny_config(chat.ids, len(chat.tokenizer))), chat
+    model = load_pretrained(path)
+    return model, ChatFormat.from_pretrained(resolve_source(model.config.tokenizer_source, Path(path)))
 
 @dataclass
 class Answers:
