@@ -149,6 +149,13 @@ class StageTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "start afresh in an output_dir that holds another run's checkpoints, "
                                          "deleting them (without it such a run is refused)"}
     )
+    train_sampling_strategy: str = field(
+        default="random",
+        metadata={"help": "training order: random, sequential, group_by_length (batches of nearly equal prompt "
+                          "length) or length_buckets (each batch from one coarse prompt-length bucket, kinds mixed; "
+                          "pads less than random)",
+                  "choices": ["random", "sequential", "group_by_length", "length_buckets", "batch_rebalance"]},
+    )
     max_bad_steps: int = field(
         default=10, metadata={"help": "stop after this many optimizer steps in a row with a NaN/inf loss or gradient "
                                       "(each such step is skipped: no update)"}

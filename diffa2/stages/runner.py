@@ -15,7 +15,7 @@ from transformers import Trainer
 from diffa2.chat import ChatFormat
 from diffa2.data.collate import SFTBatch, SFTCollator
 from diffa2.data.dataset import AudioInstructionDataset
-from diffa2.data.sampling import EpochSeededLengthGroupedSampler, prompt_lengths
+from diffa2.data.sampling import EpochSeededLengthBucketSampler, EpochSeededLengthGroupedSampler, prompt_lengths
 from diffa2.diffusion.objective import sft_loss
 from diffa2.modeling.checkpoint import WEIGHTS_NAME, load_stored_tensors
 from diffa2.stages.arguments import DataArguments, EvalArguments, ModelArguments, StageTrainingArguments
@@ -95,18 +95,25 @@ class DIFFA2Trainer(Trainer):
         return loss
 
     def _get_train_sampler(self, train_dataset=None):
-        """Trainer's sampler, except `--train_sampling_strategy group_by_length`, which groups items by prompt length
-        (Trainer cannot read lengths from an audio dataset) with a shuffle seeded per epoch, so resuming is exact."""
+        """Trainer's sampler, except for the orders that group items by prompt length (Trainer cannot read lengths
+        from an audio dataset), each with a shuffle seeded per epoch, so resuming is exact:
+        `group_by_length` (batches of nearly equal length) and `length_buckets` (each batch from one coarse length
+        bucket, kinds mixed)."""
         strategy = self.args.train_sampling_strategy
-        if strategy not in ("group_by_length", "batch_rebalance"):
-            return super()._get_train_sampler(train_dataset)
         if strategy == "batch_rebalance":
             raise ValueError("--train_sampling_strategy batch_rebalance is not supported by the audio datasets; "
-                             "use group_by_length or random")
+                             "use length_buckets, group_by_length or random")
+        if strategy not in ("group_by_length", "length_buckets"):
+            return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return EpochSeededLengthGroupedSampler(batch, prompt_lengths(dataset.items, self.chat), seed)
+        lengths = prompt_lengths(dataset.items, self.chat)
+        if strategy == "group_by_length":
+            return EpochSeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                                   lengths, seed)
+        # one optimizer step's items, on every process, come from one bucket
+        step_items = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return EpochSeededLengthBucketSampler(step_items, lengths, seed)
 
     def _get_output_dir(self, trial) -> str:
         return str(self._staging_dir) if self._staging_dir is not None else super()._get_output_dir(trial)
