@@ -20,7 +20,7 @@ from diffa2.diffusion.continuous import ContinuousBatcher
 from diffa2.diffusion.decoding import DEFAULT_MODE, DecodeConfig, StepCallback, generate
 from diffa2.likelihood import DEFAULT_DRAWS, DEFAULT_FORM, QuestionInputs, Scores, score_candidates, scoring_estimator
 from diffa2.modeling.checkpoint import load_pretrained, resolve_source
-from diffa2.modeling.model import DIFFA2Model, Prefix, SpeechEmbeddings
+from diffa2.modeling.model import DIFFA2Model, Prefix, SpeechEmbeddings, join_windows
 from diffa2.modeling.presets import tiny_config
 
 
@@ -49,21 +49,6 @@ class Answers:
     def tokens_per_second(self) -> float:
         """Answer-canvas positions decided per second of the whole call."""
         return self.token_ids.numel() / max(self.seconds, 1e-9)
-
-
-def join_windows(spans: Sequence[torch.Tensor], counts: Sequence[int]) -> SpeechEmbeddings:
-    """Per clip, its `counts[i]` consecutive window spans (`[S_j, D]` each, in order) joined into one span,
-    left-aligned and zero-padded to the longest."""
-    if sum(counts) != len(spans):
-        raise ValueError(f"{len(spans)} window spans for {sum(counts)} windows")
-    rows, lo = [], 0
-    for count in counts:
-        rows.append(torch.cat(list(spans[lo : lo + count]), dim=0))
-        lo += count
-    embeds = rows[0].new_zeros(len(rows), max(r.shape[0] for r in rows), rows[0].shape[1])
-    for i, row in enumerate(rows):
-        embeds[i, : row.shape[0]] = row
-    return SpeechEmbeddings(embeds, torch.tensor([r.shape[0] for r in rows], device=embeds.device))
 
 
 Clips = np.ndarray | Sequence[np.ndarray]  # a row of `waves`: one clip, or a conversation's clips in order
@@ -147,8 +132,7 @@ class AudioQA:
         spans: list[torch.Tensor] = []
         for lo in range(0, len(flat), len(waves)):
             features, lengths = self.featurizer(flat[lo : lo + len(waves)])
-            part = self.model.encode_speech(features.to(self.device), lengths.to(self.device))
-            spans += [part.embeds[j, : int(n)] for j, n in enumerate(part.lengths)]
+            spans += self.model.encode_speech(features.to(self.device), lengths.to(self.device)).spans()
         return join_windows(spans, [len(row) for row in pieces])
 
     @torch.no_grad()

@@ -167,6 +167,7 @@ RULES: dict[str, Range] = {
     "requests": POSITIVE_INT,
     # synthetic corpus
     "long_per_kind": POSITIVE_INT,  # the long-clip split's items per question kind
+    "long_train": NON_NEGATIVE,  # its training items (0 = none)
     "multiturn_train": POSITIVE_INT,  # the multi-turn split's training conversations
     "multiturn_per_kind": POSITIVE_INT,  # its test conversations per turn-2 kind
     "vocab_size": Range(263),  # 256 bytes + the 7 special tokens (diffa2.data.tokenizer.build_tokenizer)

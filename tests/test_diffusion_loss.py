@@ -111,6 +111,9 @@ def test_feature_cache_gives_the_same_batches(chat, tiny_model):
     assert torch.equal(first.input_features, plain.input_features)
     assert torch.equal(again.input_features, plain.input_features.flip(0))
     assert torch.equal(again.feature_lengths, plain.feature_lengths.flip(0))
+    # a clip read fresh ahead of cached ones must not evict them before they are read (the cache now holds 1 and 0)
+    third = cached(examples[::-1])
+    assert torch.equal(third.input_features, plain.input_features.flip(0))
 
 
 def test_count_form_masks_exactly_k_and_weights_l_over_k():

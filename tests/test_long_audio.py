@@ -4,20 +4,23 @@ the limit on the total, `trim` unchanged, and the synthetic long-clip split (doc
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import clip
+from helpers import clip, small_run_args
 
 from diffa2.audio import split_windows
-from diffa2.data.synth.long import LONG_WINDOW_SECONDS, LONG_WINDOWS, build_long_split
+from diffa2.data.collate import SFTCollator, SFTExample
+from diffa2.data.synth.long import LONG_WINDOW_SECONDS, LONG_WINDOWS, build_long_split, build_long_training_split
 from diffa2.diffusion.decoding import DecodeConfig
 from diffa2.eval.__main__ import main as eval_main
 from diffa2.eval.runner import RunOptions, run_benchmark
 from diffa2.inference import AudioQA
 from diffa2.modeling.configuration import DIFFA2Config
+from diffa2.stages import sft, vrpo
 
 # The tiny model: a 4 s window = 400 mel frames = 200 encoder frames -> 50 semantic tokens, after 8 acoustic queries.
 LEAD = 8
@@ -148,3 +151,72 @@ def test_eval_cli_refuses_a_bad_limit_and_windowed_likelihood(checkpoint, tmp_pa
                       "--long_audio", "window", "--mcq", "likelihood"])
     assert code == 2
     assert "--long_audio window is not supported with --mcq likelihood" in capsys.readouterr().err
+
+
+def test_training_windows_a_long_clip_as_inference_does(qa, tiny_model, chat):
+    # --long_audio window in training: the collator cuts each clip into windows, the model joins their spans, and
+    # the logits are those of the prefix AudioQA builds for the same clips at inference
+    waves = [clip(2.0, 300, seed=5), clip(9.0, 500, seed=6), clip(12.5, 700, seed=7)]
+    questions = ["What is the pitch of the tone?", "How many beeps are there?", "What is the pitch of the tone?"]
+    collator = SFTCollator(chat, qa.featurizer, answer_length=6, feature_cache_items=16, window_seconds=4.0)
+    examples = [SFTExample(wave, question, "high", audio_key=f"clip{i}")
+                for i, (wave, question) in enumerate(zip(waves, questions, strict=True))]
+    batch = collator(examples)
+    assert batch.window_counts == [1, 3, 4] and batch.input_features.shape[0] == 8
+    assert batch.feature_lengths.tolist() == [200, 400, 400, 100, 400, 400, 400, 50]  # 10 ms frames per window
+    tiny_model.eval()
+    with torch.no_grad():
+        trained = tiny_model(batch.input_features, batch.feature_lengths, batch.prompt_ids, batch.audio_slots,
+                             batch.answer_ids, batch.answer_mask, window_counts=batch.window_counts)
+        served = tiny_model.answer_logits(qa.prefix(waves, questions), batch.answer_ids, batch.answer_mask)
+    torch.testing.assert_close(trained, served, atol=1e-5, rtol=1e-5)
+    again = collator(examples)  # the second visit reads every window's features from the cache
+    assert len(collator.features.cache) == 8 and torch.equal(again.input_features, batch.input_features)
+
+
+def test_long_training_split_moves_each_stage3_clip_into_one_window(small_corpus, tmp_path):
+    first, second = (tmp_path / "a", tmp_path / "b")
+    for root in (first, second):
+        shutil.copytree(small_corpus, root)
+    manifest = build_long_training_split(first, seed=0, items=5)
+    assert build_long_training_split(second, seed=0, items=5).read_bytes() == manifest.read_bytes()
+    sources = json.loads((first / "stage3_sft_train.json").read_text())[:5]
+    records = json.loads(manifest.read_text())
+    step = int(LONG_WINDOW_SECONDS * 16000)
+    assert len(records) == 5 and {r["cue_window"] for r in records} <= {1, 2, 3}
+    for source, record in zip(sources, records, strict=True):
+        assert (record["input"], record["target"], record["kind"]) == (source["input"], source["target"],
+                                                                       source["kind"])
+        assert "seed_transcript" not in record and record["duration"] == LONG_WINDOWS * LONG_WINDOW_SECONDS
+        audio, _ = sf.read(first / record["audio_filepath"], dtype="int16")
+        cue, _ = sf.read(first / source["audio_filepath"], dtype="int16")
+        heard = np.flatnonzero(audio)
+        assert {int(i) // step + 1 for i in heard} == {record["cue_window"]}
+        start = heard[0] - int(np.flatnonzero(cue)[0])
+        assert np.array_equal(audio[start : start + len(cue)], cue)  # the clip itself, moved
+    with pytest.raises(FileNotFoundError, match="stage3_sft_train.json not found"):
+        build_long_training_split(tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_an_sft_run_with_long_audio_window_trains_on_long_clips_and_records_it(small_corpus, tmp_path):
+    corpus = tmp_path / "synth"
+    shutil.copytree(small_corpus, corpus)
+    build_long_training_split(corpus, seed=0, items=8)
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text('name: long\ntrain:\n  - path: "{synth}/long_train.json"\n')
+    args = small_run_args(tmp_path / "run", corpus, 2, ["--recipe", str(recipe), "--long_audio", "window",
+                                                        "--tiny_window_seconds", "4"])
+    summary = sft.main(args)
+    assert summary["steps"] == 2 and summary["trimmed_items"] == 0  # 12 s clips kept whole, in three windows
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["long_audio"] == "window"
+    trimmed = sft.main(small_run_args(tmp_path / "trim", corpus, 2, ["--recipe", str(recipe),
+                                                                     "--tiny_window_seconds", "4"]))
+    assert trimmed["trimmed_items"] == 8
+
+
+def test_long_audio_window_is_refused_by_a_stage_that_cuts_clips(tmp_path, small_corpus, checkpoint):
+    with pytest.raises(ValueError, match="--long_audio window trains the SFT stages .1-3. only; the vrpo stage"):
+        vrpo.main(small_run_args(tmp_path / "run", small_corpus, 2, ["--long_audio", "window",
+                                                                     "--model", str(checkpoint)]))

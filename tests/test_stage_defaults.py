@@ -17,7 +17,7 @@ from diffa2.threads import ThreadArguments
 
 STAGES = {sft: SFT_ARG_TYPES, semantic: SFT_ARG_TYPES, acoustic: SFT_ARG_TYPES, vrpo: vrpo.ARG_TYPES, rl: rl.ARG_TYPES}
 FIELDS = {
-    sft: ["recipe", "tiny_window_seconds", "asr_warmup_steps", "max_steps"],
+    sft: ["recipe", "tiny_window_seconds", "asr_warmup_steps", "max_steps", "train_sampling_strategy"],
     semantic: ["recipe", "speech_path", "max_steps", "test_file"],
     acoustic: ["recipe", "answer_length", "gen_length", "block_length", "steps", "test_prompt"],
     vrpo: ["recipe", "max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "logging_steps",

@@ -7,6 +7,9 @@ which is what teaches it to fill the rest of a fixed-length canvas with EOS at d
 An example's instruction may be a `Conversation` (docs/conversations.md) with its clips as a list of waves: the
 batch's features then hold one row per clip (rows' clips in order) and its audio slots a list per such row; the
 answer (the last assistant turn) is the only part trained, the earlier turns are prompt.
+
+With `window_seconds` (`long_audio: window`, docs/long-audio.md) a clip longer than the encoder window is cut into
+consecutive windows: the features hold one row per window and `window_counts` how many rows each clip took.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffa2.audio import LogMelFeaturizer
+from diffa2.audio import LogMelFeaturizer, split_windows
 from diffa2.chat import ChatFormat, Question
 
 
@@ -53,6 +56,7 @@ class SFTBatch:
     audio_slots: list[int | list[int]]
     answer_ids: torch.Tensor  # (B, La) answer + eot + EOS padding
     answer_mask: torch.Tensor  # (B, La) bool: positions that belong to the answer region
+    window_counts: list[int] | None = None  # long_audio window: feature rows (encoder windows) of each clip
 
     def to(self, device: torch.device | str) -> SFTBatch:
         return SFTBatch(
@@ -62,6 +66,7 @@ class SFTBatch:
             self.audio_slots,
             self.answer_ids.to(device),
             self.answer_mask.to(device),
+            self.window_counts,
         )
 
 
@@ -82,18 +87,18 @@ class CachedFeatures:
         if missing:
             features, lengths = self.featurizer([clips[i][0] for i in missing])
             fresh = {i: (features[j], lengths[j]) for j, i in enumerate(missing)}
-        rows = []
-        for i, key in enumerate(keys):
-            if i in fresh:
-                rows.append(fresh[i])
-                if key is not None:
-                    self.cache[key] = fresh[i]
-                    if len(self.cache) > self.max_items:
-                        self.cache.popitem(last=False)
-            else:
+        rows = dict(fresh)
+        for i, key in enumerate(keys):  # read every cached clip before a fresh one can evict it
+            if i not in fresh:
                 self.cache.move_to_end(key)
-                rows.append(self.cache[key])
-        return torch.stack([f for f, _ in rows]), torch.stack([n for _, n in rows])
+                rows[i] = self.cache[key]
+        for i, row in fresh.items():
+            if keys[i] is not None:
+                self.cache[keys[i]] = row
+                if len(self.cache) > self.max_items:
+                    self.cache.popitem(last=False)
+        ordered = [rows[i] for i in range(len(clips))]
+        return torch.stack([f for f, _ in ordered]), torch.stack([n for _, n in ordered])
 
 
 class SFTCollator:
@@ -103,7 +108,8 @@ class SFTCollator:
     the speech tokens of a full clip, `speech_tokens`); a row with k clips holds (k - 1) * `speech_tokens` fewer.
     Answer positions of a row past its room are left out of its answer region. With items checked against the
     window beforehand (`dataset.items_within`, which counts each item's clips the same way), only EOS padding a
-    longer batch-mate forced on the row is ever left out.
+    longer batch-mate forced on the row is ever left out. With `window_seconds` every encoder window of a clip
+    counts as a clip here.
     """
 
     def __init__(
@@ -114,15 +120,24 @@ class SFTCollator:
         feature_cache_items: int = 0,
         text_window: int | None = None,
         speech_tokens: int = 0,
+        window_seconds: float | None = None,
     ) -> None:
         self.chat = chat
         self.features = CachedFeatures(featurizer, feature_cache_items)
         self.answer_length = answer_length
         self.text_window = text_window
         self.speech_tokens = speech_tokens
+        self.window_seconds = window_seconds
 
     def __call__(self, examples: list[SFTExample]) -> SFTBatch:
-        features, feature_lengths, prompt_ids, audio_slots = self.encode_inputs(examples)
+        if self.window_seconds is None:
+            features, feature_lengths, prompt_ids, audio_slots = self.encode_inputs(examples)
+            window_counts = None
+            spans_per_row = clip_counts(audio_slots)
+        else:
+            features, feature_lengths, prompt_ids, audio_slots, window_counts = self.encode_windowed_inputs(examples)
+            per_clip = iter(window_counts)
+            spans_per_row = [sum(next(per_clip) for _ in range(clips)) for clips in clip_counts(audio_slots)]
         answer_ids = self.encode_answers([ex.answer for ex in examples])
         return SFTBatch(
             input_features=features,
@@ -130,16 +145,17 @@ class SFTCollator:
             prompt_ids=prompt_ids,
             audio_slots=audio_slots,
             answer_ids=answer_ids,
-            answer_mask=self.answer_region(prompt_ids, audio_slots, answer_ids.shape[1]),
+            answer_mask=self.answer_region(prompt_ids, spans_per_row, answer_ids.shape[1]),
+            window_counts=window_counts,
         )
 
-    def answer_region(self, prompt_ids: list[list[int]], audio_slots: list[int | list[int]],
-                      width: int) -> torch.Tensor:
-        """`(B, width)` bool: the answer positions each row holds, all of them unless `text_window` cuts a row."""
+    def answer_region(self, prompt_ids: list[list[int]], spans_per_row: list[int], width: int) -> torch.Tensor:
+        """`(B, width)` bool: the answer positions each row holds, all of them unless `text_window` cuts a row
+        (a row's speech spans: its clips, or with `window_seconds` its clips' windows)."""
         if self.text_window is None:
             return torch.ones(len(prompt_ids), width, dtype=torch.bool)
-        room = torch.tensor([self.text_window - (clips - 1) * self.speech_tokens - len(ids)
-                             for ids, clips in zip(prompt_ids, clip_counts(audio_slots), strict=True)])
+        room = torch.tensor([self.text_window - (spans - 1) * self.speech_tokens - len(ids)
+                             for ids, spans in zip(prompt_ids, spans_per_row, strict=True)])
         return torch.arange(width)[None, :] < room[:, None]
 
     def encode_inputs(
@@ -148,8 +164,26 @@ class SFTCollator:
         """Features (a row per clip), feature lengths, prompt ids and audio slots of examples with `clips()` and
         `instruction`."""
         features, feature_lengths = self.features([c for ex in examples for c in ex.clips()])
+        return features, feature_lengths, *self.encode_prompts(examples)
+
+    def encode_prompts(self, examples: list) -> tuple[list[list[int]], list[int | list[int]]]:
+        """Prompt ids and audio slot(s) of each example's instruction."""
         prompts = [self.chat.encode(ex.instruction) for ex in examples]
-        return features, feature_lengths, [ids for ids, _ in prompts], [slot for _, slot in prompts]
+        return [ids for ids, _ in prompts], [slot for _, slot in prompts]
+
+    def encode_windowed_inputs(
+        self, examples: list
+    ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]], list[int | list[int]], list[int]]:
+        """`encode_inputs` with every clip cut into `window_seconds` windows (a row per window, cached per window),
+        plus the number of windows of each clip."""
+        windows: list[tuple[np.ndarray, str | None]] = []
+        counts: list[int] = []
+        for wave, key in (clip for ex in examples for clip in ex.clips()):
+            pieces = split_windows(wave, self.window_seconds)
+            windows += [(piece, None if key is None else f"{key}#window{j}") for j, piece in enumerate(pieces)]
+            counts.append(len(pieces))
+        features, feature_lengths = self.features(windows)
+        return features, feature_lengths, *self.encode_prompts(examples), counts
 
     def encode_answers(self, texts: list[str]) -> torch.Tensor:
         """`(N, La)` answer ids: text + `<|eot_id|>`, EOS-padded to `answer_length` (else the longest)."""

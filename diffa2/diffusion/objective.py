@@ -29,6 +29,7 @@ def sft_loss(
     answers faster when they count less (docs/experiment-log.md). `model` may be a distributed wrapper, only called.
     """
     noised = forward_process(batch.answer_ids, batch.answer_mask, mask_id, eps=eps, form=form, generator=generator)
+    windows = {} if batch.window_counts is None else {"window_counts": batch.window_counts}  # long_audio window
     logits = model(
         batch.input_features,
         batch.feature_lengths,
@@ -36,6 +37,7 @@ def sft_loss(
         batch.audio_slots,
         noised.noisy_ids,
         batch.answer_mask,
+        **windows,
     )
     token_loss = masked_token_loss(logits, batch.answer_ids, noised.masked, noised.p_mask)
     if stop_ids and stop_weight != 1.0:

@@ -36,6 +36,25 @@ class SpeechEmbeddings:
     embeds: torch.Tensor  # (B, S_max, D)
     lengths: torch.Tensor  # (B,)
 
+    def spans(self) -> list[torch.Tensor]:
+        """Each row's valid speech tokens, `[S_i, D]`."""
+        return [self.embeds[i, : int(n)] for i, n in enumerate(self.lengths)]
+
+
+def join_windows(spans: Sequence[torch.Tensor], counts: Sequence[int]) -> SpeechEmbeddings:
+    """Per clip, its `counts[i]` consecutive window spans (`[S_j, D]` each, in order) joined into one span,
+    left-aligned and zero-padded to the longest (`long_audio: window`, docs/long-audio.md)."""
+    if sum(counts) != len(spans):
+        raise ValueError(f"{len(spans)} window spans for {sum(counts)} windows")
+    rows, lo = [], 0
+    for count in counts:
+        rows.append(torch.cat(list(spans[lo : lo + count]), dim=0))
+        lo += count
+    embeds = rows[0].new_zeros(len(rows), max(r.shape[0] for r in rows), rows[0].shape[1])
+    for i, row in enumerate(rows):
+        embeds[i, : row.shape[0]] = row
+    return SpeechEmbeddings(embeds, torch.tensor([r.shape[0] for r in rows], device=embeds.device))
+
 
 @dataclass
 class Prefix:
@@ -237,17 +256,22 @@ class DIFFA2Model(PreTrainedModel):
         answer_mask: torch.Tensor | None = None,
         *,
         answers_per_prompt: int = 1,
+        window_counts: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Answer-region logits for a batch: audio features (one row per clip), prompts, and noised answer ids.
 
         A prompt with several clips gives a list of slots and takes that many consecutive feature rows
-        (`build_prefix`); with one int slot per prompt, feature row b is prompt b's clip.
+        (`build_prefix`); with one int slot per prompt, feature row b is prompt b's clip. With `window_counts`
+        (`long_audio: window`), clip i is `window_counts[i]` consecutive feature rows, its encoder windows, whose
+        speech spans are joined into the clip's one span, as `AudioQA.speech` joins them at inference.
 
         With `answers_per_prompt` k, `answer_ids` holds k·B rows: k stacked blocks of B answers to the same B
         prompts (row i·B + b answers prompt b). The speech and prefix are computed once and shared by the blocks
         (VRPO scores chosen and rejected answers under several masks per prompt in one call).
         """
         speech = self.encode_speech(input_features, feature_lengths)
+        if window_counts is not None:
+            speech = join_windows(speech.spans(), window_counts)
         prefix = self.build_prefix(prompt_ids, audio_slots, speech)
         if answer_ids.shape[0] != answers_per_prompt * len(prompt_ids):
             raise ValueError(f"{answer_ids.shape[0]} answer rows for {len(prompt_ids)} prompts "

@@ -8,6 +8,7 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
+from diffa2.audio import DEFAULT_MAX_AUDIO_SECONDS
 from diffa2.data.synth import ANSWER_TOKENS
 from diffa2.stages.distributed import cpu_multiprocess, gloo_deepspeed_state
 from diffa2.stages.evaluate import TestPrompt
@@ -67,6 +68,7 @@ class ModelArguments:
 
 
 AnswerCanvas = Literal["fixed", "batch"]
+LongAudio = Literal["trim", "window"]
 
 
 @dataclass
@@ -97,6 +99,17 @@ class DataArguments:
                           "learns its answers faster at 0.1, docs/experiment-log.md)"},
     )
     loss_reduction: str = field(default="per_sample", metadata={"help": "per_sample (LLaDA) or batch (DIFFA code)"})
+    long_audio: LongAudio = field(
+        default="trim",
+        metadata={"help": "a training clip longer than the encoder window: trim (cut to it, DIFFA-2's way) or window "
+                          "(encoded in consecutive windows whose speech spans are joined, as at inference; SFT stages "
+                          "only; recorded in the checkpoint's config; docs/long-audio.md)"},
+    )
+    max_audio_seconds: float = field(
+        default=DEFAULT_MAX_AUDIO_SECONDS,
+        metadata={"help": "with --long_audio window: longer training clips are cut to this many seconds (counted as "
+                          "trimmed)"},
+    )
 
     def canvas_length(self) -> int | None:
         """The fixed answer canvas in tokens, or None for a canvas as wide as each batch's longest answer."""

@@ -174,6 +174,8 @@ class StageRun:
     `runner.SFTStage`; stage 4, `vrpo.VRPOStage`, which holds a `StageRun` and adds its own steps around it).
     """
 
+    trains_windowed_clips = False  # whether the stage's collator encodes long clips window by window
+
     def __init__(self, spec: StageSpec, model_args: ModelArguments, data_args: DataArguments,
                  eval_args: EvalArguments, train_args: StageTrainingArguments) -> None:
         self.spec, self.model_args, self.data_args = spec, model_args, data_args
@@ -191,6 +193,9 @@ class StageRun:
         """Corpus -> model -> data -> trainer: `make_dataset(items)` gets the training items that fit,
         `make_trainer()` runs last (the model, chat, dataset and `qa` are set)."""
         check_output_dir(self.output_dir)  # fail in seconds, not after building the corpus and the model
+        if self.data_args.long_audio == "window" and not self.trains_windowed_clips:
+            raise ValueError(f"--long_audio window trains the SFT stages (1-3) only; the {self.spec.name} stage "
+                             "cuts clips to the encoder window (--long_audio trim)")
         self.claim_output_dir()
         recipe_path = resolve_path(self.data_args.recipe)
         self.recipe = DataRecipe.load(recipe_path)
@@ -214,6 +219,10 @@ class StageRun:
 
         window = self.model.config.window_seconds
         self.max_seconds = min(self.recipe.max_audio_seconds or window, window)
+        if self.data_args.long_audio == "window":
+            # clips keep up to the limit and are encoded window by window; the checkpoint answers the same way
+            self.max_seconds = self.recipe.max_audio_seconds or self.data_args.max_audio_seconds
+            self.model.config.long_audio = "window"
         items, self.record_problems = load_split(
             self.recipe.train,
             synth_dir=self.synth_dir,

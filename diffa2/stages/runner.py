@@ -162,6 +162,8 @@ class DiffusionSFTTrainer(DIFFA2Trainer):
 class SFTStage(StageRun):
     """Stages 1-3: the shared lifecycle with the SFT dataset and the masked-diffusion trainer."""
 
+    trains_windowed_clips = True
+
     def setup(self) -> SFTStage:
         super().setup(self.make_dataset, self.make_trainer)
         return self
@@ -174,7 +176,9 @@ class SFTStage(StageRun):
         collator = SFTCollator(self.chat, self.qa.featurizer, answer_length=budget.canvas,
                                feature_cache_items=self.data_args.feature_cache_items,
                                text_window=budget.max_sequence_length - budget.speech_tokens,
-                               speech_tokens=budget.speech_tokens)
+                               speech_tokens=budget.speech_tokens,
+                               window_seconds=self.model.config.window_seconds
+                               if self.data_args.long_audio == "window" else None)
         return DiffusionSFTTrainer(
             model=self.model,
             args=self.train_args,

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from diffa2.cli_flags import add_flag
 from diffa2.data.synth.build import SIZES, SynthCorpus, build_synth_corpus, is_complete
 from diffa2.data.synth.constants import DEFAULT_CORPUS_DIR, DEFAULT_VOCAB_SIZE, SPLITS, STAGES
-from diffa2.data.synth.long import build_long_split
+from diffa2.data.synth.long import build_long_split, build_long_training_split
 from diffa2.data.synth.multiturn import MultiturnSizes, build_multiturn_split
 from diffa2.threads import add_threads_option, apply_threads
 from diffa2.validation import parse_checked
@@ -71,10 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_VOCAB_SIZE,
         help=f"tokenizer vocabulary bound (default: {DEFAULT_VOCAB_SIZE})",
     )
-    parser.add_argument("--long", action="store_true", help="only write the long-clip split (test_long_mmau.json and "
-                        "audio_long/ under --out: each test cue in window 2 or 3 of a 12 s clip; docs/long-audio.md)")
+    parser.add_argument("--long", action="store_true", help="only write the long-clip splits under --out, next to a "
+                        "built corpus (test_long_mmau.json: each test cue in window 2 or 3 of a 12 s clip; "
+                        "long_train.json: stage-3 training items moved the same way into window 1-3; clips in "
+                        "audio_long/; docs/long-audio.md)")
     add_flag(parser, "--long_per_kind", type=int, default=20,
-             help="with --long: items per question kind (default: 20)")
+             help="with --long: test items per question kind (default: 20)")
+    add_flag(parser, "--long_train", type=int, default=600,
+             help="with --long: training items (default: 600; 0 = the test split only)")
     parser.add_argument("--multiturn", action="store_true", help="only write the multi-turn split under --out "
                         "(multiturn_{train,validation}.json, test_multiturn_mmau.json, audio_multiturn/: follow-up "
                         "questions and two-clip comparisons; docs/conversations.md)")
@@ -91,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_threads(args.threads)
     if args.long:
         manifest = build_long_split(args.out, seed=args.seed, per_kind=args.long_per_kind)
-        print(f"long-clip split: {manifest.resolve()}")
+        print(f"long-clip test split: {manifest.resolve()}")
+        if args.long_train:
+            train = build_long_training_split(args.out, seed=args.seed, items=args.long_train)
+            print(f"long-clip training split: {train.resolve()}")
         return 0
     if args.multiturn:
         sizes = MultiturnSizes(train=args.multiturn_train, test_per_kind=args.multiturn_per_kind)
