@@ -63,6 +63,7 @@ class DIFFA2Trainer(Trainer):
 
     AUDIO_PARTS = ("encoder", "semantic_adapter", "acoustic_adapter", "prompt_embeddings")
     _staging_dir: Path | None = None  # set while a checkpoint is being written (see _save_checkpoint)
+    _epoch_sampler = None  # the length-grouping sampler, whose order is drawn per epoch (see _get_train_sampler)
 
     def __init__(self, *args, chat: ChatFormat, audio_lr_scale: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -109,11 +110,20 @@ class DIFFA2Trainer(Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         lengths = prompt_lengths(dataset.items, self.chat)
         if strategy == "group_by_length":
-            return EpochSeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                                   lengths, seed)
-        # one optimizer step's items, on every process, come from one bucket
-        step_items = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        return EpochSeededLengthBucketSampler(step_items, lengths, seed)
+            self._epoch_sampler = EpochSeededLengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths, seed)
+        else:  # one optimizer step's items, on every process, come from one bucket
+            step_items = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            self._epoch_sampler = EpochSeededLengthBucketSampler(step_items, lengths, seed)
+        return self._epoch_sampler
+
+    def _run_epoch(self, *args, **kwargs):
+        """Trainer's epoch, with the epoch-seeded sampler told its epoch first: in the epoch a resumed run continues,
+        Trainer tells it through accelerate's batch-skipping wrapper, which does not reach the sampler of a
+        multi-process loader (it would draw epoch 0's order)."""
+        if self._epoch_sampler is not None:
+            self._epoch_sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
         return str(self._staging_dir) if self._staging_dir is not None else super()._get_output_dir(trial)
