@@ -36,6 +36,7 @@ def checkpoint_or_random_tiny(
     model = load_pretrained(path)
     return model, ChatFormat.from_pretrained(resolve_source(model.config.tokenizer_source, Path(path)))
 
+
 @dataclass
 class Answers:
     texts: list[str]

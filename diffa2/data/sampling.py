@@ -23,21 +23,31 @@ def prompt_lengths(items: list[RecipeItem], chat: ChatFormat) -> list[int]:
     return [len(chat.encode(item.prompt()[0])[0]) for item in items]
 
 
-class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-    """`LengthGroupedSampler` whose shuffle is drawn from `seed + epoch`, not from the global RNG: every process
-    of a data-parallel run draws the same order, and a resumed run the order of the run it continues."""
+class EpochSeeded:
+    """An order drawn from `seed + epoch`, not from the global RNG: every process of a data-parallel run draws the
+    same order, and a resumed run the order of the run it continues."""
 
-    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
-        super().__init__(batch_size, lengths=lengths)
-        self.seed = seed
-        self.epoch = 0
+    seed: int
+    epoch: int = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Trainer at the start of every epoch."""
         self.epoch = epoch
 
+    def epoch_generator(self) -> torch.Generator:
+        """A generator seeded for the current epoch."""
+        return torch.Generator().manual_seed(self.seed + self.epoch)
+
+
+class EpochSeededLengthGroupedSampler(EpochSeeded, LengthGroupedSampler):
+    """`LengthGroupedSampler` whose shuffle is drawn per epoch (`EpochSeeded`)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+
     def __iter__(self) -> Iterator[int]:
-        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.generator = self.epoch_generator()
         return super().__iter__()
 
 
@@ -55,9 +65,9 @@ def length_buckets(lengths: Sequence[int], gap: int) -> list[list[int]]:
     return buckets
 
 
-class EpochSeededLengthBucketSampler(torch.utils.data.Sampler[int]):
+class EpochSeededLengthBucketSampler(EpochSeeded, torch.utils.data.Sampler[int]):
     """Batches of `batch_size` consecutive indices, each drawn from one length bucket (`length_buckets`), in a random
-    order seeded by `seed + epoch`.
+    order drawn per epoch (`EpochSeeded`).
 
     Every item comes once per epoch. A bucket's leftover items (fewer than a batch) are pooled into the epoch's last
     batches, the only ones that mix buckets; the one batch shorter than `batch_size`, if any, comes last, so
@@ -70,17 +80,12 @@ class EpochSeededLengthBucketSampler(torch.utils.data.Sampler[int]):
         self.batch_size = batch_size
         self.buckets = length_buckets(lengths, gap)
         self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Trainer at the start of every epoch."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return sum(len(bucket) for bucket in self.buckets)
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = self.epoch_generator()
         size = self.batch_size
         full: list[list[int]] = []
         leftovers: list[int] = []

@@ -67,7 +67,6 @@ def build_long_split(out: str | Path, *, seed: int = 0, per_kind: int = 20) -> P
     return manifest
 
 
-
 def build_long_training_split(out: str | Path, *, seed: int = 0, items: int = 600) -> Path:
     """Write ``long_train.json`` and its clips under ``out``: the first ``items`` stage-3 training items of the
     corpus built there, each clip moved into a random window (1, 2 or 3) of a silent 12 s clip; returns its path."""
